@@ -1,0 +1,1 @@
+DECODER_MAPS = {}

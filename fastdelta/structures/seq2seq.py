@@ -1,0 +1,1 @@
+SEQ2SEQ_MAPS = {}

@@ -1,0 +1,1 @@
+"""Triton kernels of fastdelta, installed as the package `fastdelta.kernels`."""
