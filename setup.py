@@ -21,7 +21,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastdelta", "fastdelta.*"]) + ["fastdelta.kernels"],
+    packages=[*find_packages(include=["fastdelta", "fastdelta.*"]), "fastdelta.kernels"],
     package_dir={"fastdelta.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -1,0 +1,45 @@
+"""fastdelta: delta-tuning (LoRA, adapters, BitFit) for PyTorch with OpenDelta's API.
+
+from fastdelta import LoraModel
+delta_model = LoraModel(backbone_model=model, modified_modules=["query", "value"])
+delta_model.freeze_module()
+"""
+
+from fastdelta.delta_models import (
+    AdapterConfig,
+    AdapterModel,
+    AutoDeltaConfig,
+    AutoDeltaModel,
+    BaseDeltaConfig,
+    BitFitConfig,
+    BitFitModel,
+    DeltaBase,
+    LoraConfig,
+    LoraModel,
+    ParallelAdapterConfig,
+    ParallelAdapterModel,
+)
+from fastdelta.ops.backend import get_backend, set_backend
+from fastdelta.structures import supported_architectures
+from fastdelta.version import __version__
+from fastdelta.visualization import Visualization
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterModel",
+    "AutoDeltaConfig",
+    "AutoDeltaModel",
+    "BaseDeltaConfig",
+    "BitFitConfig",
+    "BitFitModel",
+    "DeltaBase",
+    "LoraConfig",
+    "LoraModel",
+    "ParallelAdapterConfig",
+    "ParallelAdapterModel",
+    "Visualization",
+    "__version__",
+    "get_backend",
+    "set_backend",
+    "supported_architectures",
+]

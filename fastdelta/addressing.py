@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from torch import nn
 
+from fastdelta.layers.base import attached_deltas
 from fastdelta.structures import common_structure_names
 
 REGEX_PREFIX = "[r]"
@@ -40,7 +41,9 @@ def _compile(entry: str) -> re.Pattern:
     try:
         return re.compile(entry[len(REGEX_PREFIX) :])
     except re.error as error:
-        raise ValueError(f"Module entry {entry!r} is not a valid regular expression: {error}") from None
+        raise ValueError(
+            f"Module entry {entry!r} is not a valid regular expression: {error}"
+        ) from None
 
 
 def check_entries(entries: Sequence[str] | None, argument: str) -> list[str]:
@@ -48,8 +51,9 @@ def check_entries(entries: Sequence[str] | None, argument: str) -> list[str]:
     if entries is None:
         return []
     if isinstance(entries, str):
-        raise TypeError(f"{argument} must be a list of names, got the string {entries!r}; "
-                        f"write [{entries!r}]")
+        raise TypeError(
+            f"{argument} must be a list of names, got the string {entries!r}; write [{entries!r}]"
+        )
     entries = list(entries)
     for entry in entries:
         if not isinstance(entry, str) or not entry:
@@ -63,12 +67,24 @@ class ModuleAddresses:
     """The names under which the modules of one model can be addressed.
 
     Common-structure names are computed only when an entry asks for them, so a model without a
-    common-structure map works with plain and regex entries.
+    common-structure map works with plain and regex entries. Modules inside attached deltas are
+    left out unless `include_deltas` (a delta's own layers are never targets of another delta).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, include_deltas: bool = False):
         self.model = model
         self.modules: dict[str, nn.Module] = dict(model.named_modules())
+        if not include_deltas:
+            delta_roots = tuple(
+                f"{host_name}.{delta_name}" if host_name else delta_name
+                for host_name, host in self.modules.items()
+                for delta_name, _ in attached_deltas(host)
+            )
+            self.modules = {
+                name: module
+                for name, module in self.modules.items()
+                if not any(name == root or name.startswith(root + ".") for root in delta_roots)
+            }
         self._common: Mapping[str, tuple[str, ...]] | None = None
 
     @property
@@ -114,7 +130,11 @@ class ModuleAddresses:
         return selected
 
     def unmatched(self, entries: Iterable[str]) -> list[str]:
-        return [entry for entry in entries if not any(self.matches(name, entry) for name in self.modules)]
+        return [
+            entry
+            for entry in entries
+            if not any(self.matches(name, entry) for name in self.modules)
+        ]
 
     def require_matches(self, entries: Iterable[str], argument: str) -> None:
         missing = self.unmatched(entries)
@@ -127,14 +147,20 @@ class ModuleAddresses:
     def suggest(self, entry: str) -> str:
         """A hint naming the real module names closest to a mistyped entry."""
         if is_common_structure_entry(entry):
-            candidates = {suffix for names in self.common.values() for name in names
-                          for suffix in _suffixes(name)}
+            candidates = {
+                suffix
+                for names in self.common.values()
+                for name in names
+                for suffix in _suffixes(name)
+            }
         else:
             candidates = {suffix for name in self.modules for suffix in _suffixes(name)}
         plain = entry[len(REGEX_PREFIX) :] if entry.startswith(REGEX_PREFIX) else entry
         close = difflib.get_close_matches(plain, sorted(candidates), n=5, cutoff=0.5)
         if not close:
-            return " (and no module name is close to it; see Visualization(model).structure_graph())"
+            return (
+                " (and no module name is close to it; see Visualization(model).structure_graph())"
+            )
         return " (closest names: " + ", ".join(close) + ")"
 
 

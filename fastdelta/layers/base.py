@@ -4,45 +4,56 @@ from __future__ import annotations
 
 from torch import nn
 
+# Attribute, in a host module's __dict__, holding the (delta name, role) of each delta attached
+# to it, in the order they were attached. Kept as a tuple of strings so that deepcopy and
+# DataParallel's shallow __dict__ copy of a replica both carry it correctly.
+ATTACHED_DELTAS = "_fastdelta_deltas"
+
 
 class DeltaLayer(nn.Module):
-    """Base class of every delta module that fastdelta attaches to a backbone.
+    """Base class of fastdelta's delta modules.
 
-    A delta is registered as a child of the module it modifies (its host) under `delta_name`,
-    so its parameters are named `<host>.<delta_name>.<param>` (`...query.lora.lora_A`) and the
-    host's own parameter names never change.
-
-    `role` says how the host's forward uses it:
-    - "replace": `replace_forward(host, *args, **kwargs)` computes the host's output;
-    - "parallel": `forward(host_input, host_output)` returns the new output;
-    - "after": `forward(host_output)` returns the new output;
-    - "before": `forward(host_input)` returns the new input;
-    - None: it takes no part in the forward (it only trains some of the host's own parameters,
-      named in `host_parameter_names`, as BitFit does with existing biases).
+    A delta is registered as a child of the module it modifies (its host) under its
+    `delta_name`, so its parameters are named `<host>.<delta_name>.<param>`
+    (`...query.lora.lora_A`) and the host's own parameter names never change. How the host's
+    forward uses it depends on how it was attached (see `fastdelta.injection`).
+    `host_parameter_names` lists host parameters the delta trains in place (BitFit's existing
+    biases); they count as delta parameters.
     """
 
-    delta_name: str = ""
-    role: str | None = None
+    delta_name: str = "delta"
     host_parameter_names: tuple[str, ...] = ()
 
+    def on_detach(self, host: nn.Module) -> None:
+        """Called after the delta is taken off `host`."""
+
+    def on_attach(self, host: nn.Module) -> None:
+        """Called after the delta is put back on `host` by `attach()`."""
+
     def backend_name(self) -> str:
-        """The compute backend this delta's forward runs on (shown by `log()`)."""
+        """The compute backend this delta runs on (shown by `log()`)."""
         return "torch"
+
+
+def attached_deltas(host: nn.Module) -> tuple[tuple[str, str | None], ...]:
+    """(delta name, role) of each delta attached to `host`."""
+    return host.__dict__.get(ATTACHED_DELTAS, ())
 
 
 def delta_parameter_names(model: nn.Module) -> set[str]:
     """Full names of the parameters of `model` that belong to deltas.
 
-    These are the parameters of every `DeltaLayer` inside `model`, plus the host parameters a
-    delta trains in place (BitFit's unfrozen existing biases).
+    These are the parameters of every delta attached inside `model`, plus the host parameters
+    a delta trains in place (BitFit's unfrozen existing biases).
     """
     names = set()
-    for module_name, module in model.named_modules():
-        if not isinstance(module, DeltaLayer):
-            continue
-        prefix = module_name + "." if module_name else ""
-        names.update(prefix + name for name, _ in module.named_parameters(remove_duplicate=False))
-        host_prefix = module_name.rpartition(".")[0]
-        host_prefix = host_prefix + "." if host_prefix else ""
-        names.update(host_prefix + name for name in module.host_parameter_names)
+    for host_name, host in model.named_modules():
+        prefix = host_name + "." if host_name else ""
+        for delta_name, _ in attached_deltas(host):
+            delta = host._modules[delta_name]
+            names.update(
+                f"{prefix}{delta_name}.{name}"
+                for name, _ in delta.named_parameters(remove_duplicate=False)
+            )
+            names.update(prefix + name for name in getattr(delta, "host_parameter_names", ()))
     return names

@@ -56,8 +56,11 @@ def _map_segments(segments: list[str], tree: Mapping) -> list[list[str]]:
         heads = _emitted(key, segments[:consumed], value)
         if not rest:
             return heads
-        children = value[1] if isinstance(value, tuple) else value if isinstance(value, dict) else None
-        if children is None:
+        if isinstance(value, tuple):
+            children = value[1]
+        elif isinstance(value, dict):
+            children = value
+        else:
             continue
         tails = _map_segments(rest, children)
         if tails:
@@ -76,7 +79,9 @@ def _emitted(key: str, consumed: list[str], value) -> list[list[str]]:
     if isinstance(value, dict):
         return [consumed]
     common = value[0] if isinstance(value, tuple) else value
-    return [[segment + MARK for segment in alternative.split(".")] for alternative in common.split("|")]
+    return [
+        [segment + MARK for segment in alternative.split(".")] for alternative in common.split("|")
+    ]
 
 
 def structure_names(model: nn.Module, structure: StructureMap) -> dict[str, tuple[str, ...]]:

@@ -1,0 +1,29 @@
+"""The delta models: OpenDelta's user-facing classes."""
+
+from fastdelta.delta_models.adapter import AdapterModel, ParallelAdapterModel
+from fastdelta.delta_models.auto import AutoDeltaConfig, AutoDeltaModel
+from fastdelta.delta_models.base import DeltaBase
+from fastdelta.delta_models.bitfit import BitFitModel
+from fastdelta.delta_models.config import (
+    AdapterConfig,
+    BaseDeltaConfig,
+    BitFitConfig,
+    LoraConfig,
+    ParallelAdapterConfig,
+)
+from fastdelta.delta_models.lora import LoraModel
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterModel",
+    "AutoDeltaConfig",
+    "AutoDeltaModel",
+    "BaseDeltaConfig",
+    "BitFitConfig",
+    "BitFitModel",
+    "DeltaBase",
+    "LoraConfig",
+    "LoraModel",
+    "ParallelAdapterConfig",
+    "ParallelAdapterModel",
+]

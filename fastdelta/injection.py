@@ -1,0 +1,192 @@
+"""Attaching deltas to a module's forward, per instance, without touching its class.
+
+A module that gets a delta in its forward (a host) has its `__class__` switched to a subclass
+of its own class, made once per class, whose `forward` runs the original forward with the
+deltas around it. Only that instance changes; the subclass keeps the original name, docstring
+and forward signature, and the delta is a child module under its `delta_name`, so parameter
+names stay the backbone's own. This survives what per-instance `forward` attributes do not:
+`copy.deepcopy`, pickling and DataParallel's replicas (which copy `__dict__` shallowly and
+would keep calling the original module) all find the forward through the class.
+
+Roles of a delta in its host's forward, in the order they run:
+- "before": `delta(input)` replaces the host's first input;
+- "replace": the host's own computation is replaced by `delta.replace_forward(host, input)`
+  (or `delta(input)` for a plain module);
+- "parallel": `delta(input, output)` gives the new output (plain module: output + delta(input));
+- "after": `delta(output)` gives the new output.
+For a host returning a tuple or a ModelOutput, "output" is its first item.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from fastdelta.layers.base import ATTACHED_DELTAS, DeltaLayer, attached_deltas
+
+ROLES = ("before", "replace", "parallel", "after", None)
+_ORIGINAL_CLASS = "_fastdelta_original_class"
+_HOST_CLASSES: dict[type, type] = {}
+
+
+def attach_delta(host: nn.Module, delta: nn.Module, delta_name: str, role: str | None) -> None:
+    """Register `delta` as child `delta_name` of `host` and run it in the host's forward."""
+    if role not in ROLES:
+        raise ValueError(f"Unknown delta role {role!r}; choose one of {ROLES}")
+    host_class = type(host).__name__
+    if delta_name in host._modules or hasattr(host, delta_name):
+        raise ValueError(
+            f"{host_class} already has a {delta_name!r} attribute: a module takes one delta of "
+            "each kind. Detach the first delta model, or exclude this module from the second."
+        )
+    if role == "replace" and any(existing == "replace" for _, existing in attached_deltas(host)):
+        replacer = next(name for name, existing in attached_deltas(host) if existing == "replace")
+        raise ValueError(
+            f"{host_class} already has its forward replaced by the {replacer!r} "
+            f"delta; it cannot also be replaced by {delta_name!r}"
+        )
+    if role is not None and "forward" in host.__dict__:
+        raise RuntimeError(
+            f"{host_class} has a forward set on the instance (as accelerate's device-map hooks "
+            "do), which would bypass fastdelta's deltas. Add the deltas before dispatching the "
+            "model (before from_pretrained(device_map=...) hooks or accelerate's dispatch_model)."
+        )
+    host.add_module(delta_name, delta)
+    host.__dict__[ATTACHED_DELTAS] = (*attached_deltas(host), (delta_name, role))
+    if role is not None and not hasattr(type(host), _ORIGINAL_CLASS):
+        host.__class__ = host_class_for(type(host))
+
+
+def detach_delta(host: nn.Module, delta_name: str) -> nn.Module:
+    """Take delta `delta_name` off `host` and return it; the last one restores the host's class."""
+    remaining = tuple(entry for entry in attached_deltas(host) if entry[0] != delta_name)
+    if len(remaining) == len(attached_deltas(host)):
+        raise ValueError(f"{type(host).__name__} has no delta named {delta_name!r}")
+    delta = host._modules.pop(delta_name)
+    if remaining:
+        host.__dict__[ATTACHED_DELTAS] = remaining
+    else:
+        del host.__dict__[ATTACHED_DELTAS]
+    if not any(role is not None for _, role in remaining) and hasattr(type(host), _ORIGINAL_CLASS):
+        host.__class__ = getattr(type(host), _ORIGINAL_CLASS)
+    return delta
+
+
+def host_class_for(original: type) -> type:
+    """The subclass of `original` whose forward runs the deltas attached to an instance."""
+    if original not in _HOST_CLASSES:
+        original_forward = original.forward
+
+        @functools.wraps(original_forward)
+        def forward(self, *args, **kwargs):
+            return _forward_with_deltas(self, original_forward, args, kwargs)
+
+        _HOST_CLASSES[original] = type(
+            original.__name__,
+            (original,),
+            {
+                "forward": forward,
+                "__doc__": original.__doc__,
+                "__module__": original.__module__,
+                "__qualname__": original.__qualname__,
+                "__reduce_ex__": _reduce_host,
+                _ORIGINAL_CLASS: original,
+            },
+        )
+    return _HOST_CLASSES[original]
+
+
+def _reduce_host(self, protocol):
+    # The host class has the original's qualified name, so pickle cannot find it by name:
+    # rebuild it from the original class instead (used by pickle and copy.deepcopy alike).
+    return _new_host, (getattr(type(self), _ORIGINAL_CLASS),), self.__dict__
+
+
+def _new_host(original: type) -> nn.Module:
+    return object.__new__(host_class_for(original))
+
+
+@functools.cache
+def first_input_name(original_forward) -> str:
+    """Name of the first argument of a module class's forward: its hidden-state input."""
+    parameters = list(inspect.signature(original_forward).parameters.values())[1:]
+    if not parameters or parameters[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        raise TypeError(
+            f"{original_forward.__qualname__} takes no named first input, so "
+            "fastdelta cannot tell which argument is the hidden state"
+        )
+    return parameters[0].name
+
+
+def _forward_with_deltas(host: nn.Module, original_forward, args: tuple, kwargs: dict):
+    deltas = [(host._modules[name], role) for name, role in attached_deltas(host) if role]
+    needs_input = any(role != "after" for _, role in deltas)
+    if needs_input:
+        hidden, args, kwargs = _apply_before_deltas(host, original_forward, deltas, args, kwargs)
+
+    replacer = next((delta for delta, role in deltas if role == "replace"), None)
+    if replacer is None:
+        output = original_forward(host, *args, **kwargs)
+    elif len(args) + len(kwargs) > 1:
+        raise TypeError(
+            f"{type(host).__name__}'s forward is replaced by a delta that takes one "
+            "input, but it was called with more arguments"
+        )
+    elif isinstance(replacer, DeltaLayer) and hasattr(replacer, "replace_forward"):
+        output = replacer.replace_forward(host, hidden)
+    else:
+        output = replacer(hidden)
+
+    for delta, role in deltas:
+        if role == "parallel":
+            if isinstance(delta, DeltaLayer):
+                output = _map_main_output(host, output, lambda main, d=delta: d(hidden, main))
+            else:
+                output = _map_main_output(host, output, lambda main, d=delta: main + d(hidden))
+        elif role == "after":
+            output = _map_main_output(host, output, delta)
+    return output
+
+
+def _apply_before_deltas(host, original_forward, deltas, args, kwargs):
+    """The host's first input after the "before" deltas, and the arguments carrying it."""
+    input_name = first_input_name(original_forward)
+    if args:
+        hidden = args[0]
+    elif input_name in kwargs:
+        hidden = kwargs[input_name]
+    else:
+        raise TypeError(
+            f"{type(host).__name__}.forward() was called without its first "
+            f"argument {input_name!r}, which its deltas read"
+        )
+    for delta, role in deltas:
+        if role == "before":
+            hidden = delta(hidden)
+    if args:
+        return hidden, (hidden, *args[1:]), kwargs
+    return hidden, args, {**kwargs, input_name: hidden}
+
+
+def _map_main_output(host: nn.Module, output, function):
+    """Apply `function` to the main tensor of a module's output, keeping the rest as it is."""
+    if isinstance(output, torch.Tensor):
+        return function(output)
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        mapped = [function(output[0]), *output[1:]]
+        return type(output)(mapped) if type(output) in (tuple, list) else type(output)(*mapped)
+    if isinstance(output, Mapping) and output:
+        key = next(iter(output))
+        return type(output)(**{**output, key: function(output[key])})
+    raise TypeError(
+        f"{type(host).__name__} returned {type(output).__name__}; a delta can modify a tensor, "
+        "a tuple or list whose first item is a tensor, or a ModelOutput. Choose a module whose "
+        "output is the hidden state."
+    )

@@ -1,0 +1,49 @@
+"""Eager PyTorch versions of the fused ops: the CPU path and the oracle every fast path is
+tested against."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastdelta.ops.activations import ACTIVATIONS
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """y = x W^T + b + scaling * (dropout(x) A^T) B^T.
+
+    x: [..., K]; weight: [N, K], or [K, N] with `fan_in_fan_out` (GPT-2's Conv1D);
+    bias: [N] or None; lora_A: [r, K]; lora_B: [N, r]. Returns [..., N].
+    """
+    base_weight = weight.t() if fan_in_fan_out else weight
+    y = F.linear(x, base_weight, bias)
+    dropped = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    low_rank = F.linear(F.linear(dropped, lora_A), lora_B)
+    return torch.add(y, low_rank, alpha=scaling)
+
+
+def adapter_bottleneck(
+    h: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    scaling: float,
+    activation: str,
+    residual: torch.Tensor,
+) -> torch.Tensor:
+    """out = residual + scaling * (act(h D^T + b_d) U^T + b_u).
+
+    h: [..., d_in]; down_weight: [m, d_in]; up_weight: [d_out, m]; residual: [..., d_out].
+    """
+    bottleneck = ACTIVATIONS[activation](F.linear(h, down_weight, down_bias))
+    return torch.add(residual, F.linear(bottleneck, up_weight, up_bias), alpha=scaling)
