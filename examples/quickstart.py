@@ -42,14 +42,21 @@ def accuracy(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--delta", default="lora",
-                        choices=["lora", "adapter", "parallel_adapter", "bitfit"])
+    parser.add_argument(
+        "--delta", default="lora", choices=["lora", "adapter", "parallel_adapter", "bitfit"]
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
 
-    config = BertConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=4,
-                        num_attention_heads=4, intermediate_size=256, num_labels=2)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        num_labels=2,
+    )
     model = BertForSequenceClassification(config)
     console.rule("The backbone")
     Visualization(model).structure_graph()
@@ -88,12 +95,18 @@ def main() -> None:
     console.rule("Summary")
     total = delta_model.num_total_parameters()
     trainable = delta_model.num_trainable_parameters()
-    console.print(f"accuracy before training {before:.3f}, after {after:.3f} "
-                  f"(detached {detached:.3f}, re-attached {reattached:.3f})")
-    console.print(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    console.print(
+        f"accuracy before training {before:.3f}, after {after:.3f} "
+        f"(detached {detached:.3f}, re-attached {reattached:.3f})"
+    )
+    console.print(
+        f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+    )
     backends = ", ".join(sorted(delta_model.backends()))
-    console.print(f"{args.steps / seconds:.1f} steps/s on the {backends} backend; "
-                  f"state_dict keeps {len(model.state_dict())} trainable tensors")
+    console.print(
+        f"{args.steps / seconds:.1f} steps/s on the {backends} backend; "
+        f"state_dict keeps {len(model.state_dict())} trainable tensors"
+    )
     if reattached != after:
         raise SystemExit("re-attaching the deltas did not restore the trained model")
 
