@@ -80,10 +80,12 @@ def host_class_for(original: type) -> type:
     """The subclass of `original` whose forward runs the deltas attached to an instance."""
     if original not in _HOST_CLASSES:
         original_forward = original.forward
+        # Read once per class: the forward of every call must not inspect signatures.
+        input_name = first_input_name(original_forward)
 
         @functools.wraps(original_forward)
         def forward(self, *args, **kwargs):
-            return _forward_with_deltas(self, original_forward, args, kwargs)
+            return _forward_with_deltas(self, original_forward, input_name, args, kwargs)
 
         _HOST_CLASSES[original] = type(
             original.__name__,
@@ -110,26 +112,23 @@ def _new_host(original: type) -> nn.Module:
     return object.__new__(host_class_for(original))
 
 
-@functools.cache
-def first_input_name(original_forward) -> str:
-    """Name of the first argument of a module class's forward: its hidden-state input."""
-    parameters = list(inspect.signature(original_forward).parameters.values())[1:]
-    if not parameters or parameters[0].kind not in (
+def first_input_name(forward) -> str | None:
+    """Name of the first argument of a module class's forward (its hidden-state input), or
+    None when the forward takes no named first argument."""
+    parameters = list(inspect.signature(forward).parameters.values())[1:]
+    if parameters and parameters[0].kind in (
         inspect.Parameter.POSITIONAL_ONLY,
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
     ):
-        raise TypeError(
-            f"{original_forward.__qualname__} takes no named first input, so "
-            "fastdelta cannot tell which argument is the hidden state"
-        )
-    return parameters[0].name
+        return parameters[0].name
+    return None
 
 
-def _forward_with_deltas(host: nn.Module, original_forward, args: tuple, kwargs: dict):
+def _forward_with_deltas(host: nn.Module, original_forward, input_name, args, kwargs):
     deltas = [(host._modules[name], role) for name, role in attached_deltas(host) if role]
     needs_input = any(role != "after" for _, role in deltas)
     if needs_input:
-        hidden, args, kwargs = _apply_before_deltas(host, original_forward, deltas, args, kwargs)
+        hidden, args, kwargs = _apply_before_deltas(host, input_name, deltas, args, kwargs)
 
     replacer = next((delta for delta, role in deltas if role == "replace"), None)
     if replacer is None:
@@ -155,12 +154,11 @@ def _forward_with_deltas(host: nn.Module, original_forward, args: tuple, kwargs:
     return output
 
 
-def _apply_before_deltas(host, original_forward, deltas, args, kwargs):
+def _apply_before_deltas(host, input_name, deltas, args, kwargs):
     """The host's first input after the "before" deltas, and the arguments carrying it."""
-    input_name = first_input_name(original_forward)
     if args:
         hidden = args[0]
-    elif input_name in kwargs:
+    elif input_name is not None and input_name in kwargs:
         hidden = kwargs[input_name]
     else:
         raise TypeError(
@@ -182,7 +180,11 @@ def _map_main_output(host: nn.Module, output, function):
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         mapped = [function(output[0]), *output[1:]]
         return type(output)(mapped) if type(output) in (tuple, list) else type(output)(*mapped)
-    if isinstance(output, Mapping) and output:
+    if (
+        isinstance(output, Mapping)
+        and output
+        and isinstance(next(iter(output.values())), torch.Tensor)
+    ):
         key = next(iter(output))
         return type(output)(**{**output, key: function(output[key])})
     raise TypeError(

@@ -18,6 +18,9 @@ from fastdelta.structures import common_structure_names
 
 # Model classes whose head is freshly initialised for the task (not pretrained), so
 # freeze_module keeps it trainable unless told otherwise.
+# The names transformers gives those heads, for models whose base model is not one child
+# (T5ForQuestionAnswering holds shared/encoder/decoder directly).
+TASK_HEAD_NAMES = ("classifier", "pre_classifier", "classification_head", "score", "qa_outputs")
 TASK_HEAD_CLASS_SUFFIXES = (
     "ForSequenceClassification",
     "ForTokenClassification",
@@ -301,9 +304,13 @@ class DeltaBase:
     def num_delta_parameters(self, module: nn.Module | None = None) -> int:
         module = self.backbone_model if module is None else module
         names = delta_parameter_names(module)
-        return sum(
-            parameter.numel() for name, parameter in module.named_parameters() if name in names
-        )
+        # A tied parameter may be a delta under only one of its names: count by identity.
+        deltas = {
+            id(parameter): parameter
+            for name, parameter in module.named_parameters(remove_duplicate=False)
+            if name in names
+        }
+        return sum(parameter.numel() for parameter in deltas.values())
 
     def log(
         self,
@@ -360,10 +367,12 @@ def task_head_names(model: nn.Module) -> list[str]:
     if not type(model).__name__.endswith(TASK_HEAD_CLASS_SUFFIXES):
         return []
     base = getattr(model, "base_model_prefix", "")
+    has_base_child = bool(base) and isinstance(getattr(model, base, None), nn.Module)
     return [
         name
         for name, child in model.named_children()
-        if name != base and any(True for _ in child.parameters())
+        if (name != base if has_base_child else name in TASK_HEAD_NAMES)
+        and any(True for _ in child.parameters())
     ]
 
 

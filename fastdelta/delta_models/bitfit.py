@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from fastdelta.addressing import ModuleAddresses
 from fastdelta.delta_models.base import DeltaBase
 from fastdelta.delta_models.config import BitFitConfig
 from fastdelta.layers.bitfit import BiasDelta, BiasUnfreeze
@@ -54,13 +55,14 @@ class BitFitModel(DeltaBase):
     def add_all_delta_to_backbone(self, targets: list[str]) -> None:
         layers: dict[str, nn.Module] = {}
         for target in targets:
-            module = self.backbone_model.get_submodule(target)
-            if not any(True for _ in module.children()):
-                layers[target] = module
+            # The target's own modules, without the deltas other delta models attached.
+            own = ModuleAddresses(self.backbone_model.get_submodule(target)).modules
+            if len(own) == 1:
+                layers[target] = own[""]
             else:
                 layers.update(
-                    (f"{target}.{name}", layer)
-                    for name, layer in module.named_modules()
+                    (f"{target}.{name}" if name else target, layer)
+                    for name, layer in own.items()
                     if _is_linear_or_layer_norm(layer)
                 )
         needs_bias = [name for name, layer in layers.items() if not _has_bias(layer)]

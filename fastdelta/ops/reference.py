@@ -27,8 +27,9 @@ def lora_linear(
     base_weight = weight.t() if fan_in_fan_out else weight
     y = F.linear(x, base_weight, bias)
     dropped = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
-    low_rank = F.linear(F.linear(dropped, lora_A), lora_B)
-    return torch.add(y, low_rank, alpha=scaling)
+    # Scaling the [..., r] intermediate costs r/N of scaling the output. (Not add(alpha=):
+    # inductor in torch 2.13 on the CPU drops alpha when adding a matmul result to 2-D input.)
+    return y + F.linear(F.linear(dropped, lora_A) * scaling, lora_B)
 
 
 def adapter_bottleneck(
@@ -46,4 +47,8 @@ def adapter_bottleneck(
     h: [..., d_in]; down_weight: [m, d_in]; up_weight: [d_out, m]; residual: [..., d_out].
     """
     bottleneck = ACTIVATIONS[activation](F.linear(h, down_weight, down_bias))
-    return torch.add(residual, F.linear(bottleneck, up_weight, up_bias), alpha=scaling)
+    if scaling == 1.0:
+        return residual + F.linear(bottleneck, up_weight, up_bias)
+    # Scale the [..., m] bottleneck, not the output (see lora_linear on add's alpha).
+    scaled_bias = None if up_bias is None else up_bias * scaling
+    return residual + F.linear(bottleneck * scaling, up_weight, scaled_bias)
