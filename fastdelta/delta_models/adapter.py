@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastdelta.delta_models.base import DeltaBase
+from fastdelta.delta_models.base import DeltaBase, config_arguments
 from fastdelta.delta_models.config import AdapterConfig, ParallelAdapterConfig
 from fastdelta.layers.adapter import AdapterDelta
 from fastdelta.ops.activations import canonical_activation
@@ -29,17 +29,7 @@ class AdapterModel(DeltaBase):
         interactive_modify: bool = False,
         backend: str = "hf",
     ):
-        config = AdapterConfig(
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-            common_structure=common_structure,
-            interactive_modify=interactive_modify,
-            backend=backend,
-            bottleneck_dim=bottleneck_dim,
-            non_linearity=non_linearity,
-        )
-        super().__init__(backbone_model, config)
+        super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 
     def add_all_delta_to_backbone(self, targets: list[str]) -> None:
         sizes = self.target_sizes(targets)
@@ -76,18 +66,7 @@ class ParallelAdapterModel(DeltaBase):
         interactive_modify: bool = False,
         backend: str = "hf",
     ):
-        config = ParallelAdapterConfig(
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-            common_structure=common_structure,
-            interactive_modify=interactive_modify,
-            backend=backend,
-            bottleneck_dim=bottleneck_dim,
-            non_linearity=non_linearity,
-            scaled=scaled,
-        )
-        super().__init__(backbone_model, config)
+        super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 
     def add_all_delta_to_backbone(self, targets: list[str]) -> None:
         sizes = self.target_sizes(targets)

@@ -362,6 +362,15 @@ class DeltaBase:
         }
 
 
+def config_arguments(arguments: dict) -> dict:
+    """A delta model constructor's arguments (its `locals()`), as its config class takes them."""
+    return {
+        name: value
+        for name, value in arguments.items()
+        if name not in ("self", "backbone_model", "__class__")
+    }
+
+
 def task_head_names(model: nn.Module) -> list[str]:
     """The children of a task model that form its freshly initialised head (its classifier)."""
     if not type(model).__name__.endswith(TASK_HEAD_CLASS_SUFFIXES):

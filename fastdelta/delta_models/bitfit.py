@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from fastdelta.addressing import ModuleAddresses
-from fastdelta.delta_models.base import DeltaBase
+from fastdelta.delta_models.base import DeltaBase, config_arguments
 from fastdelta.delta_models.config import BitFitConfig
 from fastdelta.layers.bitfit import BiasDelta, BiasUnfreeze
 from fastdelta.pseudo_input import linear_sizes
@@ -42,15 +42,7 @@ class BitFitModel(DeltaBase):
         interactive_modify: bool = False,
         backend: str = "hf",
     ):
-        config = BitFitConfig(
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-            common_structure=common_structure,
-            interactive_modify=interactive_modify,
-            backend=backend,
-        )
-        super().__init__(backbone_model, config)
+        super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 
     def add_all_delta_to_backbone(self, targets: list[str]) -> None:
         layers: dict[str, nn.Module] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastdelta.delta_models.base import DeltaBase
+from fastdelta.delta_models.base import DeltaBase, config_arguments
 from fastdelta.delta_models.config import LoraConfig
 from fastdelta.layers.lora import LoraDelta
 from fastdelta.pseudo_input import is_conv1d, linear_sizes
@@ -37,19 +37,7 @@ class LoraModel(DeltaBase):
         *,
         use_rslora: bool = False,
     ):
-        config = LoraConfig(
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-            common_structure=common_structure,
-            interactive_modify=interactive_modify,
-            backend=backend,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            use_rslora=use_rslora,
-        )
-        super().__init__(backbone_model, config)
+        super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 
     def add_all_delta_to_backbone(self, targets: list[str]) -> None:
         modules = {name: self.backbone_model.get_submodule(name) for name in targets}
