@@ -1,1 +1,10 @@
-"""Triton kernels of fastdelta, installed as the package `fastdelta.kernels`."""
+"""Triton kernels of fastdelta, installed as the package `fastdelta.kernels`.
+
+This package is the "triton" backend: it provides the same functions as
+`fastdelta.ops.torch_backend`, computed by fused kernels.
+"""
+
+from ._common import INTERPRETED
+from .lora import dropout_keep_mask, lora_backward, lora_forward
+
+__all__ = ["INTERPRETED", "dropout_keep_mask", "lora_backward", "lora_forward"]

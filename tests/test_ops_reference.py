@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdelta import ops
+from fastdelta.ops import reference
 from fastdelta.ops.activations import canonical_activation
 
 
@@ -40,13 +41,13 @@ def test_lora_linear_keeps_leading_dimensions_and_handles_no_bias():
     torch.testing.assert_close(result, expected)
 
 
-def test_lora_dropout_only_touches_the_low_rank_path():
+def test_reference_lora_dropout_only_touches_the_low_rank_path():
     x, weight, bias, lora_A, lora_B = _lora_inputs(64, 16, 8, 4, torch.float64)
-    torch.manual_seed(3)
-    dropped = ops.lora_linear(x, weight, bias, lora_A, lora_B, 1.0, dropout_p=0.5)
-    torch.manual_seed(3)
-    mask = F.dropout(torch.ones_like(x), 0.5, training=True)
-    expected = F.linear(x, weight, bias) + F.linear(F.linear(x * mask, lora_A), lora_B)
+    keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) >= 0.5
+    dropped = reference.lora_linear(
+        x, weight, bias, lora_A, lora_B, 1.0, dropout_p=0.5, keep_mask=keep
+    )
+    expected = F.linear(x, weight, bias) + F.linear(F.linear(x * keep * 2, lora_A), lora_B)
     torch.testing.assert_close(dropped, expected)
 
 

@@ -9,10 +9,42 @@ import torch
 
 from fastdelta.ops import reference
 from fastdelta.ops.backend import get_backend, resolve_backend, set_backend
+from fastdelta.ops.lora import lora_linear_op
 
-# Backend name -> implementation of each op; the backend module decides which name runs.
-_LORA_LINEAR = {"torch": reference.lora_linear}
 _ADAPTER_BOTTLENECK = {"torch": reference.adapter_bottleneck}
+
+
+def _check_lora_arguments(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out):
+    """Raise a ValueError naming the argument whose shape, dtype or device does not fit."""
+    out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+    layout = "[in, out] (fan_in_fan_out)" if fan_in_fan_out else "[out, in]"
+    problems = []
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        problems.append("weight, lora_A and lora_B must be 2-D")
+    elif x.shape[-1] != in_features:
+        problems.append(
+            f"x has {x.shape[-1]} features but the weight {tuple(weight.shape)}, laid out as "
+            f"{layout}, takes {in_features}"
+        )
+    elif lora_A.shape[1] != in_features or lora_B.shape != (out_features, lora_A.shape[0]):
+        problems.append(
+            f"lora_A {tuple(lora_A.shape)} must be [r, {in_features}] and lora_B "
+            f"{tuple(lora_B.shape)} must be [{out_features}, r] for this weight"
+        )
+    if bias is not None and bias.shape != (out_features,):
+        problems.append(f"bias {tuple(bias.shape)} must be [{out_features}]")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        problems.append(
+            f"x is {x.dtype} but the weight or bias is not: cast the model or the input, or run "
+            "under torch.autocast"
+        )
+    devices = {t.device for t in (x, weight, bias, lora_A, lora_B) if t is not None}
+    if len(devices) > 1:
+        problems.append(f"the tensors are on different devices ({sorted(map(str, devices))})")
+    if not 0.0 <= dropout_p < 1.0:
+        problems.append(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if problems:
+        raise ValueError("fastdelta.ops.lora_linear: " + "; ".join(problems))
 
 
 def lora_linear(
@@ -24,13 +56,32 @@ def lora_linear(
     scaling: float,
     dropout_p: float = 0.0,
     fan_in_fan_out: bool = False,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A linear layer with a LoRA delta: x W^T + b + scaling * (dropout(x) A^T) B^T.
 
-    See `fastdelta.ops.reference.lora_linear` for the shapes.
+    x: [..., K]; weight: [N, K], or [K, N] with `fan_in_fan_out` (GPT-2's Conv1D); bias: [N]
+    or None; lora_A: [r, K]; lora_B: [N, r]. Returns [..., N]. Dropout applies to the
+    low-rank path only; its mask comes from `seed` (an int64 scalar tensor), drawn from
+    torch's generator when not given, so `torch.manual_seed` makes runs repeatable. LoRA
+    weights of another dtype than x (say float32 with a bfloat16 model) are cast to x's; under
+    torch.autocast every tensor is cast to the autocast dtype first.
     """
-    implementation = _LORA_LINEAR[resolve_backend(x.device)]
-    return implementation(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+        bias = None if bias is None else bias.to(dtype)
+    _check_lora_arguments(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out)
+    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if dropout_p > 0 and seed is None:
+        seed = torch.randint(2**62, (), dtype=torch.int64, device=x.device)
+    elif dropout_p == 0:
+        seed = None
+    y, _ = lora_linear_op(
+        x, weight, bias, lora_A, lora_B, seed, float(scaling), float(dropout_p), fan_in_fan_out
+    )
+    return y
 
 
 def adapter_bottleneck(
@@ -47,7 +98,7 @@ def adapter_bottleneck(
 
     See `fastdelta.ops.reference.adapter_bottleneck` for the shapes.
     """
-    implementation = _ADAPTER_BOTTLENECK[resolve_backend(h.device)]
+    implementation = _ADAPTER_BOTTLENECK["torch"]
     return implementation(
         h, down_weight, down_bias, up_weight, up_bias, scaling, activation, residual
     )

@@ -44,19 +44,78 @@ def get_backend() -> str:
     return _check_name(os.environ.get(ENVIRONMENT_VARIABLE, "auto"), f"${ENVIRONMENT_VARIABLE}")
 
 
-def unavailable_reason(name: str) -> str | None:
-    """Why backend `name` cannot run in this process, or None when it can."""
+# The dtypes each backend computes in; an automatic choice falls back to torch for the others.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Triton's kernels here use bf16 tensor cores and are tuned for Ampere and Hopper.
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+def _triton_reason(device: torch.device | None) -> str | None:
+    try:
+        from fastdelta import kernels
+    except ImportError as error:
+        return f"Triton does not import ({error}); install it with `pip install triton`"
+    if device is None or device.type == "cpu":
+        if kernels.INTERPRETED:
+            return None
+        if device is None and torch.cuda.is_available():
+            return None
+        return (
+            "Triton runs on CUDA tensors; to run its kernels on the CPU, set TRITON_INTERPRET=1 "
+            "before fastdelta is imported"
+        )
+    if device.type != "cuda":
+        return f"Triton has no kernels for {device.type} tensors"
+    if kernels.INTERPRETED:
+        return "TRITON_INTERPRET=1 is set, so Triton's kernels only run on CPU tensors"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < TRITON_MIN_CAPABILITY:
+        return (
+            f"the GPU's compute capability {capability} is below the "
+            f"{TRITON_MIN_CAPABILITY} that fastdelta's Triton kernels need"
+        )
+    return None
+
+
+def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
+    """Why backend `name` cannot run (on `device`, when given) in this process; None if it can."""
+    device = None if device is None else torch.device(device)
     if name == "torch":
         return None
-    return f"this fastdelta build has no {name} implementation of its ops yet"
+    if name == "triton":
+        return _triton_reason(device)
+    return "the C++ extension (csrc/) is not built into this fastdelta"
 
 
-def resolve_backend(device: torch.device | str) -> str:
-    """The backend that runs an op on tensors on `device` under the current setting."""
+def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs an op on tensors of `dtype` on `device` under the current setting."""
+    device = torch.device(device)
     setting = get_backend()
     if setting != "auto":
-        reason = unavailable_reason(setting)
+        reason = unavailable_reason(setting, device)
+        if reason is None and setting == "triton" and dtype not in (None, *TRITON_DTYPES):
+            reason = f"its kernels compute in float16, bfloat16 or float32, not {dtype}"
         if reason:
-            raise RuntimeError(f"The {setting!r} backend cannot run here: {reason}")
+            raise RuntimeError(
+                f"The {setting!r} backend cannot run on {device.type} tensors here: {reason}. "
+                f"Choose another with fastdelta.set_backend(...) or ${ENVIRONMENT_VARIABLE} "
+                '(or "auto")'
+            )
         return setting
+    if device.type == "cuda":
+        if dtype in (None, *TRITON_DTYPES) and unavailable_reason("triton", device) is None:
+            return "triton"
+        if unavailable_reason("cpp", device) is None:
+            return "cpp"
     return "torch"
+
+
+def backend_module(name: str):
+    """The module that implements the ops for backend `name` (lora_forward, lora_backward, ...)."""
+    if name == "triton":
+        from fastdelta import kernels
+
+        return kernels
+    from fastdelta.ops import torch_backend
+
+    return torch_backend

@@ -18,15 +18,22 @@ def lora_linear(
     scaling: float,
     dropout_p: float = 0.0,
     fan_in_fan_out: bool = False,
+    keep_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x W^T + b + scaling * (dropout(x) A^T) B^T.
+    """y = x W^T + b + scaling * (dropout(x) A^T) B^T, differentiated by autograd.
 
     x: [..., K]; weight: [N, K], or [K, N] with `fan_in_fan_out` (GPT-2's Conv1D);
-    bias: [N] or None; lora_A: [r, K]; lora_B: [N, r]. Returns [..., N].
+    bias: [N] or None; lora_A: [r, K]; lora_B: [N, r]. Returns [..., N]. Dropout uses
+    `keep_mask` (bool, x's shape) when given, so a fast path's mask can be checked exactly.
     """
     base_weight = weight.t() if fan_in_fan_out else weight
     y = F.linear(x, base_weight, bias)
-    dropped = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    if dropout_p == 0:
+        dropped = x
+    elif keep_mask is None:
+        dropped = F.dropout(x, dropout_p, training=True)
+    else:
+        dropped = x * keep_mask / (1 - dropout_p)
     # Scaling the [..., r] intermediate costs r/N of scaling the output. (Not add(alpha=):
     # inductor in torch 2.13 on the CPU drops alpha when adding a matmul result to 2-D input.)
     return y + F.linear(F.linear(dropped, lora_A) * scaling, lora_B)

@@ -1,0 +1,116 @@
+"""`fastdelta::lora_linear`: the LoRA linear as a torch.library custom op.
+
+One op, one autograd formula, one fake kernel; the backend (triton, cpp or torch) is chosen
+when the op runs, by `fastdelta.ops.backend`. The forward also returns xa = dropout(x) A^T
+([..., r], float32, or float64 for float64 x), which the backward needs; with x and the
+dropout seed it is all the op saves, so nothing of size [M, N] and no second copy of x is kept
+for backward (the parameters W, A and B are saved by reference).
+"""
+
+import torch
+from torch import Tensor
+
+from fastdelta.ops.backend import backend_module, resolve_backend
+
+
+def xa_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of xa: float32 (float64 for float64 inputs), whatever x's dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.library.custom_op("fastdelta::lora_linear", mutates_args=())
+def lora_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    seed: Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    fan_in_fan_out: bool,
+) -> tuple[Tensor, Tensor]:
+    """(y, xa) with y = x W^T + b + scaling * xa B^T and xa = dropout(x) A^T.
+
+    Dropout is on when `seed` (an int64 scalar tensor on x's device) is given: the mask is
+    drawn from it, so the same seed gives the same mask, in the forward and the backward.
+    """
+    backend = backend_module(resolve_backend(x.device, x.dtype))
+    return backend.lora_forward(
+        x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
+    )
+
+
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out):
+    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    y = x.new_empty((*x.shape[:-1], out_features))
+    xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]), dtype=xa_dtype(x.dtype))
+    return y, xa
+
+
+@torch.library.custom_op("fastdelta::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    xa: Tensor,
+    seed: Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    fan_in_fan_out: bool,
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+    need_lora_A: bool,
+    need_lora_B: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (x, weight, bias, lora_A, lora_B); an empty tensor for each not needed."""
+    backend = backend_module(resolve_backend(x.device, x.dtype))
+    needs = (need_x, need_weight, need_bias, need_lora_A, need_lora_B)
+    grads = backend.lora_backward(
+        grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, fan_in_fan_out, needs
+    )
+    return tuple(grad_y.new_empty(0) if g is None else g.contiguous() for g in grads)
+
+
+@lora_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, fan_in_fan_out, *needs):
+    need_x, need_weight, need_bias, need_lora_A, need_lora_B = needs
+    out_features = grad_y.shape[-1]
+
+    def grad(needed, like, shape=None):
+        if not needed:
+            return grad_y.new_empty(0)
+        return like.new_empty(like.shape if shape is None else shape)
+
+    return (
+        grad(need_x, x),
+        grad(need_weight, weight),
+        grad(need_bias, grad_y, (out_features,)),
+        grad(need_lora_A, lora_A),
+        grad(need_lora_B, lora_B),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out = inputs
+    xa = output[1]
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.arguments = (scaling, dropout_p, fan_in_fan_out)
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:5]
+    grads = lora_linear_backward_op(
+        grad_y, x, weight, lora_A, lora_B, xa, seed, *ctx.arguments, *needs
+    )
+    # No gradients for seed, scaling, dropout_p and fan_in_fan_out.
+    return *(g if needed else None for g, needed in zip(grads, needs, strict=True)), *[None] * 4
+
+
+lora_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,111 @@
+"""The torch backend: the fused ops' forward and backward written in plain PyTorch.
+
+It is the CPU path, so it wastes nothing: the only [M, N] tensor it makes is the output (the
+low-rank product is added into it in place), and dropout keeps a seed instead of a mask or a
+dropped copy of x; the backward draws the same mask again from that seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Dropout bits: one int16 per element, drawn as int64 words (about 4x faster on the CPU than
+# torch.rand of the same shape; see DESIGN.md). The drop rate is quantised to 1 / 65536.
+_INT16_VALUES = 1 << 16
+
+
+def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, ...], p: float) -> torch.Tensor:
+    """The boolean keep-mask that the torch backend's dropout draws from `seed` for `shape`."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    generator = torch.Generator(device=seed.device).manual_seed(int(seed))
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=seed.device)
+    words.random_(-(2**63), 2**63 - 1, generator=generator)
+    bits = words.view(torch.int16)[:numel].view(shape)
+    return bits >= round(p * _INT16_VALUES) - _INT16_VALUES // 2
+
+
+def _dropped(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """dropout(x) with the mask drawn from `seed`: x * keep / (1 - p)."""
+    keep = dropout_keep_mask(seed, tuple(x.shape), p)
+    return torch.where(keep, x * (1.0 / (1.0 - p)), 0)
+
+
+def base_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """The weight as nn.Linear holds it, [N, K]: a transposed view of a Conv1D weight."""
+    return weight.t() if fan_in_fan_out else weight
+
+
+def base_grads(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    fan_in_fan_out: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of the base weight and bias (None when not needed). 2-D inputs."""
+    grad_weight = grad_bias = None
+    if need_weight:
+        grad_weight = x.t() @ grad_y if fan_in_fan_out else grad_y.t() @ x
+    if need_bias:
+        grad_bias = grad_y.sum(0, dtype=torch.float32).to(grad_y.dtype)
+    return grad_weight, grad_bias
+
+
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    seed: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    fan_in_fan_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa) for y = x W^T + b + scaling * xa B^T with xa = dropout(x) A^T; xa in float32
+    (float64 for float64 x)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    y = torch.nn.functional.linear(x2d, base_weight(weight, fan_in_fan_out), bias)
+    xa = (x2d if seed is None else _dropped(x2d, seed, dropout_p)) @ lora_A.t()
+    y.addmm_(xa * scaling, lora_B.t())
+    leading = x.shape[:-1]
+    return y.view(*leading, -1), xa.to(torch.promote_types(xa.dtype, torch.float32)).view(
+        *leading, -1
+    )
+
+
+def lora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    seed: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    fan_in_fan_out: bool,
+    needs: tuple[bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of (x, weight, bias, lora_A, lora_B); None for those not needed."""
+    need_x, need_weight, need_bias, need_A, need_B = needs
+    grad2d = grad_y.reshape(-1, grad_y.shape[-1])
+    x2d = x.reshape(-1, x.shape[-1])
+    grad_xa = (grad2d @ lora_B) * scaling if need_x or need_A else None
+    grad_A = grad_B = grad_x = None
+    if need_B:
+        grad_B = grad2d.t() @ (xa.reshape(grad2d.shape[0], -1) * scaling).to(grad2d.dtype)
+    if need_A:
+        dropped = x2d if seed is None else _dropped(x2d, seed, dropout_p)
+        grad_A = grad_xa.t() @ dropped
+    if need_x:
+        grad_x = grad2d @ base_weight(weight, fan_in_fan_out)
+        if seed is None:
+            grad_x.addmm_(grad_xa, lora_A)
+        else:
+            grad_x += _dropped(grad_xa @ lora_A, seed, dropout_p)
+        grad_x = grad_x.view(x.shape)
+    grad_weight, grad_bias = base_grads(grad2d, x2d, fan_in_fan_out, need_weight, need_bias)
+    return grad_x, grad_weight, grad_bias, grad_A, grad_B

@@ -1,0 +1,107 @@
+"""What every fastdelta kernel shares: interpreter detection, autotuning, tile helpers."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, so this is fixed at import: with it,
+# the kernels run on CPU tensors through Triton's interpreter (slowly; that is how CI tests them).
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+# Block sizes used under the interpreter, where autotuning cannot run: small, so CI stays fast,
+# and not dividing the test shapes, so the masked edges are exercised.
+INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+
+def autotuned(configs: list[triton.Config], key: list[str], **options):
+    """Autotune a kernel over `configs` on a GPU; under the interpreter keep the plain kernel."""
+
+    def decorate(kernel):
+        if INTERPRETED:
+            return kernel
+        return triton.autotune(configs=configs, key=key, **options)(kernel)
+
+    return decorate
+
+
+def launch(kernel, grid, *args, **constants) -> None:
+    """Launch `kernel` (plain or autotuned) on the current device; the interpreter gets
+    INTERPRETER_BLOCKS for the block sizes the autotuner would otherwise choose."""
+    if INTERPRETED:
+        names = kernel.arg_names
+        constants = {**{k: v for k, v in INTERPRETER_BLOCKS.items() if k in names}, **constants}
+        kernel[grid](*args, **constants)
+        return
+    with torch.cuda.device(args[0].device):
+        kernel[grid](*args, **constants)
+
+
+def block_r(rank: int) -> int:
+    """The tile width that holds the LoRA rank: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def m_bucket(m: int) -> int:
+    """The autotuning bucket of a row count: kernels retune per power of two, not per length."""
+    return min(m.bit_length(), 16)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: float32 inputs follow torch's TF32 setting for matmuls. The
+    float32 low-rank products of half inputs use TF32, which holds fp16 and bf16 exactly."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+if INTERPRETED:
+
+    @triton.jit
+    def mma(a, b, acc, PRECISION: tl.constexpr):
+        """tl.dot(a, b, acc). Triton 3.9's interpreter gets bfloat16 tl.dot wrong (results off
+        by 1e10; float16 and float32 are right), so there bfloat16 operands go in as float32."""
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+else:
+
+    @triton.jit
+    def mma(a, b, acc, PRECISION: tl.constexpr):
+        """tl.dot(a, b, acc) with the given input precision."""
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program id -> (tile row, tile column), in groups of GROUP_M rows for L2 reuse."""
+    programs_per_group = GROUP_M * num_n
+    first_m = (pid // programs_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_group) % group_rows
+    pid_n = (pid % programs_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, stride_row, stride_col, row_mask, col_mask):
+    """ptr[rows, cols] with the given strides, zero outside the masks."""
+    offsets = rows[:, None] * stride_row + cols[None, :] * stride_col
+    return tl.load(ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+
+
+@triton.jit
+def drop(values, seed, rows, cols, n_cols, p):
+    """Zero the dropped elements of a [rows, cols] tile of a matrix with n_cols columns (the
+    caller applies the 1 / (1 - p) scale, in float32).
+
+    The mask is Philox noise at offset row * n_cols + col (int64), so every kernel that draws
+    it for the same element and seed gets the same bit; it is never stored.
+    """
+    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    keep = tl.rand(seed, offsets) >= p
+    return tl.where(keep, values, tl.zeros_like(values))
