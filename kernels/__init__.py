@@ -5,6 +5,14 @@ This package is the "triton" backend: it provides the same functions as
 """
 
 from ._common import INTERPRETED
+from .adapter import adapter_backward, adapter_forward
 from .lora import dropout_keep_mask, lora_backward, lora_forward
 
-__all__ = ["INTERPRETED", "dropout_keep_mask", "lora_backward", "lora_forward"]
+__all__ = [
+    "INTERPRETED",
+    "adapter_backward",
+    "adapter_forward",
+    "dropout_keep_mask",
+    "lora_backward",
+    "lora_forward",
+]

@@ -7,7 +7,10 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -644,11 +647,21 @@ def test_unknown_backend_name_in_the_environment_is_refused(backend_setting, mon
         model(**tiny_inputs("bert"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton may run where there is a GPU")
 def test_forcing_an_unavailable_backend_says_why(backend_setting):
-    with pytest.raises(RuntimeError, match=r"'triton' backend cannot run here: \w+"):
-        fastdelta.set_backend("triton")
+    with pytest.raises(RuntimeError, match=r"'cpp' backend cannot run here: \w+"):
+        fastdelta.set_backend("cpp")
     assert fastdelta.get_backend() == "auto"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton may run where there is a GPU")
+def test_triton_on_the_cpu_without_the_interpreter_says_how_to_enable_it():
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    code = "import fastdelta; fastdelta.set_backend('triton')"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=environment, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "set TRITON_INTERPRET=1" in result.stderr
 
 
 @pytest.mark.parametrize(

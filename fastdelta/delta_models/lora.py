@@ -39,6 +39,24 @@ class LoraModel(DeltaBase):
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 
+    def merge(self, module: nn.Module | None = None) -> None:
+        """Fold each LoRA delta (inside `module`, default all) into its layer's weight, for
+        inference at the plain model's speed. The deltas stay attached; `unmerge()` takes them
+        back out, and so does `detach()`. Training while merged raises an error."""
+        for attachment in self._in_scope(module, attached=True, action="merge"):
+            attachment.delta.merge(self.backbone_model.get_submodule(attachment.host_name))
+
+    def unmerge(self, module: nn.Module | None = None) -> None:
+        """Undo `merge()`: the weights return to their values to within their dtype's rounding."""
+        for attachment in self._in_scope(module, attached=True, action="unmerge"):
+            attachment.delta.unmerge(self.backbone_model.get_submodule(attachment.host_name))
+
+    @property
+    def merged(self) -> bool:
+        """Whether every attached LoRA delta is merged into its layer."""
+        deltas = [a.delta for a in self.attachments if a.attached]
+        return bool(deltas) and all(delta.merged for delta in deltas)
+
     def add_all_delta_to_backbone(self, targets: list[str]) -> None:
         modules = {name: self.backbone_model.get_submodule(name) for name in targets}
         unsupported = [name for name, module in modules.items() if linear_sizes(module) is None]

@@ -53,7 +53,7 @@ class AdapterDelta(DeltaLayer):
             self.up_bias,
             self.scaling,
             self.activation,
-            h if residual is None else residual,
+            residual,
         )
 
     def backend_name(self) -> str:

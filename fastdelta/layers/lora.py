@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastdelta import ops
@@ -17,6 +18,8 @@ class LoraDelta(DeltaLayer):
     lora_A: [r, in_features], kaiming-uniform; lora_B: [out_features, r], zeros, so a fresh
     delta leaves the output unchanged. scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
     It replaces its host's forward so the host's matmul and the delta run as one op.
+    `merge(host)` folds scaling * B A into the host's weight for inference (the host then runs
+    as a plain linear layer) and `unmerge(host)` takes it back out.
     """
 
     delta_name = "lora"
@@ -42,9 +45,19 @@ class LoraDelta(DeltaLayer):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
 
     def replace_forward(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The host's output with the delta: x: [..., in_features] -> [..., out_features]."""
+        if self.merged:
+            if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
+                raise RuntimeError(
+                    "This LoRA delta is merged into its layer's weight, so training it would "
+                    "change nothing: call unmerge() on the delta model before training (or "
+                    "model.eval() / torch.no_grad() for inference)"
+                )
+            weight = host.weight.t() if self.fan_in_fan_out else host.weight
+            return F.linear(x, weight, host.bias)
         return ops.lora_linear(
             x,
             host.weight,
@@ -56,7 +69,31 @@ class LoraDelta(DeltaLayer):
             self.fan_in_fan_out,
         )
 
+    @torch.no_grad()
+    def merge(self, host: nn.Module) -> None:
+        """Add scaling * B A to the host's weight (computed in float32, rounded once)."""
+        if not self.merged:
+            self._add_to_weight(host, 1.0)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, host: nn.Module) -> None:
+        """Subtract what merge() added: the weight comes back to within its dtype's rounding."""
+        if self.merged:
+            self._add_to_weight(host, -1.0)
+            self.merged = False
+
+    def _add_to_weight(self, host: nn.Module, sign: float) -> None:
+        delta = (self.lora_B.float() @ self.lora_A.float()) * (sign * self.scaling)
+        weight = host.weight
+        weight.copy_(weight.float() + (delta.t() if self.fan_in_fan_out else delta))
+
+    def on_detach(self, host: nn.Module) -> None:
+        self.unmerge(host)
+
     def backend_name(self) -> str:
+        if self.merged:
+            return "merged"
         return ops.resolve_backend(self.lora_A.device)
 
     def extra_repr(self) -> str:
@@ -64,4 +101,5 @@ class LoraDelta(DeltaLayer):
         return (
             f"in_features={self.lora_A.shape[1]}, out_features={out_features}, r={r}, "
             f"scaling={self.scaling:g}, dropout={self.dropout:g}"
+            + (", merged" if self.merged else "")
         )

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from fastdelta.ops import reference
+from fastdelta.ops.activations import canonical_activation
+from fastdelta.ops.adapter import adapter_bottleneck_op
 from fastdelta.ops.backend import get_backend, resolve_backend, set_backend
 from fastdelta.ops.lora import lora_linear_op
-
-_ADAPTER_BOTTLENECK = {"torch": reference.adapter_bottleneck}
 
 
 def _check_lora_arguments(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out):
@@ -84,6 +83,45 @@ def lora_linear(
     return y
 
 
+def _check_adapter_arguments(h, down_weight, down_bias, up_weight, up_bias, residual):
+    """Raise a ValueError naming the argument whose shape, dtype or device does not fit."""
+    problems = []
+    bottleneck = down_weight.shape[0]
+    if down_weight.dim() != 2 or up_weight.dim() != 2:
+        problems.append("down_weight and up_weight must be 2-D")
+    elif h.shape[-1] != down_weight.shape[1]:
+        problems.append(
+            f"h has {h.shape[-1]} features but down_weight {tuple(down_weight.shape)} takes "
+            f"{down_weight.shape[1]}"
+        )
+    elif up_weight.shape[1] != bottleneck:
+        problems.append(
+            f"up_weight {tuple(up_weight.shape)} must be [out, {bottleneck}] to follow "
+            f"down_weight {tuple(down_weight.shape)}"
+        )
+    out_features = up_weight.shape[0]
+    if down_bias is not None and down_bias.shape != (bottleneck,):
+        problems.append(f"down_bias {tuple(down_bias.shape)} must be [{bottleneck}]")
+    if up_bias is not None and up_bias.shape != (out_features,):
+        problems.append(f"up_bias {tuple(up_bias.shape)} must be [{out_features}]")
+    expected = (*h.shape[:-1], out_features)
+    if residual is None and h.shape[-1] != out_features:
+        problems.append(
+            f"a sequential adapter (no residual) needs out_features == in_features, got "
+            f"{out_features} and {h.shape[-1]}"
+        )
+    elif residual is not None and tuple(residual.shape) != expected:
+        problems.append(f"residual {tuple(residual.shape)} must be {list(expected)}")
+    if residual is not None and residual.dtype != h.dtype:
+        problems.append(f"residual is {residual.dtype} but h is {h.dtype}")
+    tensors = (h, down_weight, down_bias, up_weight, up_bias, residual)
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        problems.append(f"the tensors are on different devices ({sorted(map(str, devices))})")
+    if problems:
+        raise ValueError("fastdelta.ops.adapter_bottleneck: " + "; ".join(problems))
+
+
 def adapter_bottleneck(
     h: torch.Tensor,
     down_weight: torch.Tensor,
@@ -92,16 +130,29 @@ def adapter_bottleneck(
     up_bias: torch.Tensor | None,
     scaling: float,
     activation: str,
-    residual: torch.Tensor,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """An adapter bottleneck added to a residual: residual + scaling * (act(h D^T + b_d) U^T + b_u).
 
-    See `fastdelta.ops.reference.adapter_bottleneck` for the shapes.
+    h: [..., d_in]; down_weight D: [m, d_in]; up_weight U: [d_out, m]; residual: [..., d_out],
+    or None (or h itself) for a sequential adapter, whose residual is h. activation: relu,
+    gelu, gelu_new (tanh), silu or an alias. Adapter weights of another dtype than h are cast
+    to h's; under torch.autocast every tensor is cast to the autocast dtype first.
     """
-    implementation = _ADAPTER_BOTTLENECK["torch"]
-    return implementation(
-        h, down_weight, down_bias, up_weight, up_bias, scaling, activation, residual
+    activation = canonical_activation(activation)
+    if residual is h:
+        residual = None
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, residual = h.to(dtype), None if residual is None else residual.to(dtype)
+    _check_adapter_arguments(h, down_weight, down_bias, up_weight, up_bias, residual)
+    down_weight, down_bias, up_weight, up_bias = (
+        None if t is None else t.to(h.dtype) for t in (down_weight, down_bias, up_weight, up_bias)
     )
+    out, _ = adapter_bottleneck_op(
+        h, down_weight, down_bias, up_weight, up_bias, residual, float(scaling), activation
+    )
+    return out
 
 
 __all__ = ["adapter_bottleneck", "get_backend", "lora_linear", "resolve_backend", "set_backend"]

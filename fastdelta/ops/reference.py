@@ -47,12 +47,14 @@ def adapter_bottleneck(
     up_bias: torch.Tensor | None,
     scaling: float,
     activation: str,
-    residual: torch.Tensor,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out = residual + scaling * (act(h D^T + b_d) U^T + b_u).
+    """out = residual + scaling * (act(h D^T + b_d) U^T + b_u), differentiated by autograd.
 
-    h: [..., d_in]; down_weight: [m, d_in]; up_weight: [d_out, m]; residual: [..., d_out].
+    h: [..., d_in]; down_weight: [m, d_in]; up_weight: [d_out, m]; residual: [..., d_out], or
+    None for h (a sequential adapter).
     """
+    residual = h if residual is None else residual
     bottleneck = ACTIVATIONS[activation](F.linear(h, down_weight, down_bias))
     if scaling == 1.0:
         return residual + F.linear(bottleneck, up_weight, up_bias)

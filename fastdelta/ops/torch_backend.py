@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from fastdelta.ops.activations import ACTIVATION_GRADS, ACTIVATIONS
+
 # Dropout bits: one int16 per element, drawn as int64 words (about 4x faster on the CPU than
 # torch.rand of the same shape; see DESIGN.md). The drop rate is quantised to 1 / 65536.
 _INT16_VALUES = 1 << 16
@@ -109,3 +111,70 @@ def lora_backward(
         grad_x = grad_x.view(x.shape)
     grad_weight, grad_bias = base_grads(grad2d, x2d, fan_in_fan_out, need_weight, need_bias)
     return grad_x, grad_weight, grad_bias, grad_A, grad_B
+
+
+def _sum_rows(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(0, dtype=torch.promote_types(t.dtype, torch.float32)).to(t.dtype)
+
+
+def adapter_forward(
+    h: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    scaling: float,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, pre): out = residual + scaling * (act(pre) U^T + b_u), pre = h D^T + b_d kept in
+    float32 (float64 for float64 h). residual None means h (a sequential adapter)."""
+    h2d = h.reshape(-1, h.shape[-1])
+    pre = torch.nn.functional.linear(h2d, down_weight, down_bias)
+    residual2d = h2d if residual is None else residual.reshape(h2d.shape[0], -1)
+    out = torch.addmm(residual2d, ACTIVATIONS[activation](pre) * scaling, up_weight.t())
+    if up_bias is not None:
+        out += up_bias * scaling
+    leading = h.shape[:-1]
+    pre = pre.to(torch.promote_types(pre.dtype, torch.float32))
+    return out.view(*leading, -1), pre.view(*leading, -1)
+
+
+def adapter_backward(
+    grad_out: torch.Tensor,
+    h: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    pre: torch.Tensor,
+    scaling: float,
+    activation: str,
+    sequential: bool,
+    needs: tuple[bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of (h, down_weight, down_bias, up_weight, up_bias); None where not needed.
+    A sequential adapter's dh includes the residual path."""
+    need_h, need_down_weight, need_down_bias, need_up_weight, need_up_bias = needs
+    grad2d = grad_out.reshape(-1, grad_out.shape[-1])
+    h2d = h.reshape(-1, h.shape[-1])
+    pre2d = pre.reshape(grad2d.shape[0], -1)
+    dtype = grad2d.dtype
+    grad_h = grad_down_weight = grad_down_bias = grad_up_weight = grad_up_bias = None
+    if need_up_weight:
+        grad_up_weight = grad2d.t() @ (ACTIVATIONS[activation](pre2d) * scaling).to(dtype)
+    if need_up_bias:
+        grad_up_bias = _sum_rows(grad2d) * scaling
+    if need_h or need_down_weight or need_down_bias:
+        grad_pre = (grad2d @ up_weight).to(pre2d.dtype) * (
+            scaling * ACTIVATION_GRADS[activation](pre2d)
+        )
+        grad_pre = grad_pre.to(dtype)
+        if need_down_bias:
+            grad_down_bias = _sum_rows(grad_pre)
+        if need_down_weight:
+            grad_down_weight = grad_pre.t() @ h2d
+        if need_h:
+            grad_h = (
+                torch.addmm(grad2d, grad_pre, down_weight) if sequential else grad_pre @ down_weight
+            )
+            grad_h = grad_h.view(h.shape)
+    return grad_h, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias

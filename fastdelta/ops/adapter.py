@@ -1,0 +1,99 @@
+"""`fastdelta::adapter_bottleneck`: the adapter bottleneck as a torch.library custom op.
+
+out = residual + scaling * (act(h D^T + b_d) U^T + b_u), where residual None stands for h (a
+sequential adapter; then dh includes the residual path in the same kernel). The forward also
+returns the pre-activation h D^T + b_d ([..., m], float32, or float64 for float64 h); with h
+it is all the op saves for backward, which recomputes the activation from it.
+"""
+
+import torch
+from torch import Tensor
+
+from fastdelta.ops.backend import backend_module, resolve_backend
+
+
+def pre_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved pre-activation: float32 (float64 for float64 inputs)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.library.custom_op("fastdelta::adapter_bottleneck", mutates_args=())
+def adapter_bottleneck_op(
+    h: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    residual: Tensor | None,
+    scaling: float,
+    activation: str,
+) -> tuple[Tensor, Tensor]:
+    """(out, pre-activation) of the adapter bottleneck; see the module docstring."""
+    backend = backend_module(resolve_backend(h.device, h.dtype))
+    return backend.adapter_forward(
+        h, down_weight, down_bias, up_weight, up_bias, residual, scaling, activation
+    )
+
+
+@adapter_bottleneck_op.register_fake
+def _(h, down_weight, down_bias, up_weight, up_bias, residual, scaling, activation):
+    out = h.new_empty((*h.shape[:-1], up_weight.shape[0]))
+    pre = h.new_empty((*h.shape[:-1], down_weight.shape[0]), dtype=pre_dtype(h.dtype))
+    return out, pre
+
+
+@torch.library.custom_op("fastdelta::adapter_bottleneck_backward", mutates_args=())
+def adapter_bottleneck_backward_op(
+    grad_out: Tensor,
+    h: Tensor,
+    down_weight: Tensor,
+    up_weight: Tensor,
+    pre: Tensor,
+    scaling: float,
+    activation: str,
+    sequential: bool,
+    need_h: bool,
+    need_down_weight: bool,
+    need_down_bias: bool,
+    need_up_weight: bool,
+    need_up_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (h, down_weight, down_bias, up_weight, up_bias); empty where not needed."""
+    backend = backend_module(resolve_backend(h.device, h.dtype))
+    needs = (need_h, need_down_weight, need_down_bias, need_up_weight, need_up_bias)
+    grads = backend.adapter_backward(
+        grad_out, h, down_weight, up_weight, pre, scaling, activation, sequential, needs
+    )
+    return tuple(grad_out.new_empty(0) if g is None else g.contiguous() for g in grads)
+
+
+@adapter_bottleneck_backward_op.register_fake
+def _(grad_out, h, down_weight, up_weight, pre, scaling, activation, sequential, *needs):
+    likes = (h, down_weight, down_weight[:, 0], up_weight, up_weight[:, 0])
+    return tuple(
+        like.new_empty(like.shape) if needed else grad_out.new_empty(0)
+        for like, needed in zip(likes, needs, strict=True)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    h, down_weight, _, up_weight, _, residual, scaling, activation = inputs
+    pre = output[1]
+    ctx.mark_non_differentiable(pre)
+    ctx.save_for_backward(h, down_weight, up_weight, pre)
+    ctx.arguments = (scaling, activation, residual is None)
+
+
+def _backward(ctx, grad_out, _grad_pre):
+    h, down_weight, up_weight, pre = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:5]
+    grads = adapter_bottleneck_backward_op(
+        grad_out, h, down_weight, up_weight, pre, *ctx.arguments, *needs
+    )
+    grads = (g if needed else None for g, needed in zip(grads, needs, strict=True))
+    # A parallel adapter's residual receives grad_out unchanged; no gradients for the rest.
+    grad_residual = grad_out if ctx.needs_input_grad[5] else None
+    return *grads, grad_residual, None, None
+
+
+adapter_bottleneck_op.register_autograd(_backward, setup_context=_setup_context)
