@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -11,6 +12,13 @@ from fastdelta.delta_models.base import DeltaBase
 from fastdelta.delta_models.bitfit import BitFitModel
 from fastdelta.delta_models.config import BaseDeltaConfig
 from fastdelta.delta_models.lora import LoraModel
+from fastdelta.saving import (
+    check_backbone,
+    load_tensors,
+    read_config,
+    read_tensors,
+    split_config,
+)
 
 DELTA_MODELS: dict[str, type[DeltaBase]] = {
     model.config_class.delta_type: model
@@ -48,6 +56,12 @@ class AutoDeltaConfig:
             )
         return delta_model_class(config_dict["delta_type"]).config_class.from_dict(config_dict)
 
+    @staticmethod
+    def from_finetuned(finetuned_delta_path: str | Path) -> BaseDeltaConfig:
+        """The config of the delta checkpoint directory `finetuned_delta_path`."""
+        arguments, _ = split_config(read_config(finetuned_delta_path))
+        return AutoDeltaConfig.from_dict(arguments)
+
 
 class AutoDeltaModel:
     """Builds the delta model of a config's delta type. Not instantiated itself."""
@@ -66,3 +80,23 @@ class AutoDeltaModel:
                 f"config must be a delta config or its dict, got {type(config).__name__}"
             )
         return delta_model_class(config.delta_type).from_config(config, backbone_model)
+
+    @staticmethod
+    def from_finetuned(finetuned_delta_path: str | Path, backbone_model: nn.Module) -> DeltaBase:
+        """Rebuild the deltas saved at `finetuned_delta_path` on `backbone_model` (a fresh copy
+        of the backbone they were trained on) and load their tensors, which become the
+        trainable parameters. Every key and shape is checked; a mismatch is an error."""
+        config = read_config(finetuned_delta_path)
+        arguments, metadata = split_config(config)
+        check_backbone(metadata, backbone_model, finetuned_delta_path)
+        delta_config = AutoDeltaConfig.from_dict(arguments)
+        tensors = read_tensors(finetuned_delta_path)
+        delta_model = delta_model_class(delta_config.delta_type).from_config(
+            delta_config, backbone_model
+        )
+        try:
+            load_tensors(delta_model, tensors, finetuned_delta_path)
+        except Exception:
+            delta_model.detach()
+            raise
+        return delta_model

@@ -82,6 +82,33 @@ class DeltaBase:
             )
         return cls(backbone_model, **config.delta_arguments())
 
+    @classmethod
+    def from_finetuned(cls, finetuned_delta_path, backbone_model: nn.Module, **kwargs):
+        """Rebuild the deltas saved by `save_finetuned` at `finetuned_delta_path` on
+        `backbone_model` and load their tensors (see `AutoDeltaModel.from_finetuned`)."""
+        from fastdelta.delta_models.auto import AutoDeltaModel
+        from fastdelta.saving import read_config
+
+        delta_type = read_config(finetuned_delta_path)["delta_type"]
+        if delta_type != cls.config_class.delta_type:
+            raise ValueError(
+                f"{str(finetuned_delta_path)!r} holds delta_type {delta_type!r}, which "
+                f"{cls.__name__} cannot load: use AutoDeltaModel.from_finetuned"
+            )
+        return AutoDeltaModel.from_finetuned(finetuned_delta_path, backbone_model, **kwargs)
+
+    def save_finetuned(self, finetuned_delta_path="./delta_checkpoints/", **kwargs):
+        """Save the config and the trainable tensors (the deltas and any trainable task head)
+        to the directory `finetuned_delta_path`; returns its path."""
+        from fastdelta.saving import save_checkpoint
+
+        if kwargs:
+            raise TypeError(
+                f"save_finetuned got unsupported argument(s) {', '.join(sorted(kwargs))}: "
+                "fastdelta writes config.json and delta.safetensors and does not upload"
+            )
+        return save_checkpoint(self, finetuned_delta_path)
+
     @property
     def delta_type(self) -> str:
         return self.config.delta_type

@@ -6,6 +6,7 @@ from torch import nn
 
 from fastdelta.delta_models.base import DeltaBase, config_arguments
 from fastdelta.delta_models.config import LoraConfig
+from fastdelta.injection import detach_delta
 from fastdelta.layers.lora import LoraDelta
 from fastdelta.pseudo_input import is_conv1d, linear_sizes
 
@@ -50,6 +51,19 @@ class LoraModel(DeltaBase):
         """Undo `merge()`: the weights return to their values to within their dtype's rounding."""
         for attachment in self._in_scope(module, attached=True, action="unmerge"):
             attachment.delta.unmerge(self.backbone_model.get_submodule(attachment.host_name))
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold every attached LoRA delta into its layer's weight and take fastdelta off the
+        backbone, which is returned as the plain model (no fastdelta module or hook left), for
+        export and serving. This delta model is empty afterwards."""
+        for attachment in self.attachments:
+            if attachment.attached:
+                host = self.backbone_model.get_submodule(attachment.host_name)
+                attachment.delta.merge(host)
+                detach_delta(host, attachment.delta_name)
+        self.attachments.clear()
+        self._set_trainable_state_dict(False)
+        return self.backbone_model
 
     @property
     def merged(self) -> bool:

@@ -1,0 +1,192 @@
+"""Delta checkpoints: a directory with `config.json` and `delta.safetensors`.
+
+`config.json` holds the delta type and every constructor argument at its top level (as
+OpenDelta writes it), plus what loading checks: the backbone's class and name, the modules the
+deltas were attached to, the format version and the library versions. `delta.safetensors` holds
+the trainable tensors only (the deltas, and a task head left trainable), keyed by their names in
+the backbone, in the model's dtype. Loading checks every key and shape and names what differs;
+nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fastdelta.version import __version__
+
+if TYPE_CHECKING:
+    from fastdelta.delta_models.base import DeltaBase
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "delta.safetensors"
+# Bumped when a checkpoint written by this version cannot be read by an older one.
+FORMAT_VERSION = 1
+# config.json keys that describe the checkpoint rather than the delta model's arguments.
+METADATA_KEYS = (
+    "format_version",
+    "backbone_class",
+    "backbone_checkpoint_name",
+    "targets",
+    "fastdelta_version",
+    "torch_version",
+    "transformers_version",
+)
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of `model` by name; a tied parameter under its first name."""
+    tensors, seen = {}, set()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and id(parameter) not in seen:
+            seen.add(id(parameter))
+            tensors[name] = parameter.detach()
+    return tensors
+
+
+def checkpoint_name(model: nn.Module) -> str | None:
+    """The hub name or path the backbone was loaded from, when transformers recorded one."""
+    config = getattr(model, "config", None)
+    name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    return name or None
+
+
+def save_checkpoint(delta_model: DeltaBase, path: str | Path) -> Path:
+    """Write `delta_model`'s config and trainable tensors to the directory `path`."""
+    import transformers
+
+    if getattr(delta_model, "merged", False):
+        raise RuntimeError(
+            "The LoRA deltas are merged into the backbone's weights: call unmerge() before "
+            "save_finetuned(), so the checkpoint holds the deltas themselves"
+        )
+    tensors = trainable_tensors(delta_model.backbone_model)
+    if not tensors:
+        raise ValueError(
+            "Nothing to save: no parameter of the backbone is trainable. Call "
+            "delta_model.freeze_module() (which keeps the deltas trainable) before saving"
+        )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    backbone = delta_model.backbone_model
+    config = {
+        **delta_model.config.to_dict(),
+        "format_version": FORMAT_VERSION,
+        "backbone_class": type(backbone).__name__,
+        "backbone_checkpoint_name": checkpoint_name(backbone),
+        "targets": [a.host_name for a in delta_model.attachments if a.attached],
+        "fastdelta_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(
+        {name: tensor.contiguous().cpu() for name, tensor in tensors.items()},
+        path / WEIGHTS_NAME,
+        metadata={"format": "pt", "fastdelta_version": __version__},
+    )
+    return path
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The config.json of the checkpoint directory `path`, checked for a readable version."""
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"No delta checkpoint directory at {str(path)!r} (fastdelta loads local directories "
+            "and does not download)"
+        )
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no {CONFIG_NAME}: it is not a delta checkpoint")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file} is not valid JSON: {error}") from error
+    if not isinstance(config, dict) or "delta_type" not in config:
+        raise ValueError(f"{config_file} has no 'delta_type': it is not a fastdelta delta config")
+    version = config.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{config_file} was written in checkpoint format {version!r} by fastdelta "
+            f"{config.get('fastdelta_version', '?')}; this fastdelta {__version__} reads format "
+            f"{FORMAT_VERSION} and older: upgrade fastdelta to load it"
+        )
+    return config
+
+
+def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(delta arguments with delta_type, checkpoint metadata) of a config.json dict."""
+    arguments = {k: v for k, v in config.items() if k not in METADATA_KEYS}
+    metadata = {k: v for k, v in config.items() if k in METADATA_KEYS}
+    return arguments, metadata
+
+
+def check_backbone(metadata: dict[str, Any], backbone: nn.Module, path: str | Path) -> None:
+    expected = metadata.get("backbone_class")
+    if expected and expected != type(backbone).__name__:
+        raise ValueError(
+            f"The delta checkpoint {str(path)!r} was trained on a {expected} "
+            f"({metadata.get('backbone_checkpoint_name') or 'unnamed'}), but the backbone_model "
+            f"given is a {type(backbone).__name__}: load it onto a {expected}"
+        )
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    weights = Path(path) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"The delta checkpoint {str(path)!r} has no {WEIGHTS_NAME}")
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"{weights} is corrupt or truncated and cannot be read: {error}"
+        ) from error
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(sorted(names)[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def load_tensors(
+    delta_model: DeltaBase, tensors: dict[str, torch.Tensor], source: str | Path
+) -> None:
+    """Copy `tensors` into the backbone after checking that they are exactly the delta's
+    parameters (plus any saved head): missing, unexpected and misshapen tensors are errors.
+    The loaded tensors become the trainable ones, as they were when saved."""
+    from fastdelta.layers.base import delta_parameter_names
+
+    backbone = delta_model.backbone_model
+    parameters = dict(backbone.named_parameters())
+    deltas = delta_parameter_names(backbone) & set(parameters)
+    missing = sorted(deltas - set(tensors))
+    unexpected = sorted(set(tensors) - set(parameters))
+    misshapen = [
+        f"{name} {tuple(tensor.shape)} in the checkpoint, {tuple(parameters[name].shape)} here"
+        for name, tensor in tensors.items()
+        if name in parameters and tensor.shape != parameters[name].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"tensors this model has no parameter for: {_listing(unexpected)}")
+    if misshapen:
+        problems.append("shapes that differ: " + "; ".join(misshapen[:5]))
+    if problems:
+        raise ValueError(
+            f"The delta checkpoint {str(source)!r} does not fit this {delta_model.delta_type} "
+            f"model on a {type(backbone).__name__}: " + "; ".join(problems)
+        )
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if name in tensors:
+                parameter.copy_(tensors[name])
+            parameter.requires_grad_(name in tensors)
