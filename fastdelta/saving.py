@@ -94,6 +94,10 @@ def save_checkpoint(delta_model: DeltaBase, path: str | Path) -> Path:
     return path
 
 
+def has_config(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """The config.json of the checkpoint directory `path`, checked for a readable version."""
     path = Path(path)
@@ -138,16 +142,22 @@ def check_backbone(metadata: dict[str, Any], backbone: nn.Module, path: str | Pa
         )
 
 
+def load_weights_file(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors (or PyTorch .bin) file; an unreadable one is an error."""
+    try:
+        if weights.suffix == ".bin":
+            return torch.load(weights, map_location="cpu", weights_only=True)
+        return load_file(weights)
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as error:
+        message = f"{weights} is corrupt or truncated and cannot be read: {error}"
+        raise ValueError(message) from error
+
+
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"The delta checkpoint {str(path)!r} has no {WEIGHTS_NAME}")
-    try:
-        return load_file(weights)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(
-            f"{weights} is corrupt or truncated and cannot be read: {error}"
-        ) from error
+    return load_weights_file(weights)
 
 
 def _listing(names: list[str]) -> str:

@@ -12,8 +12,16 @@ from fastdelta.delta_models.base import DeltaBase
 from fastdelta.delta_models.bitfit import BitFitModel
 from fastdelta.delta_models.config import BaseDeltaConfig
 from fastdelta.delta_models.lora import LoraModel
+from fastdelta.peft_format import (
+    is_peft_checkpoint,
+    lora_arguments,
+    peft_targets,
+    read_peft_config,
+    read_peft_tensors,
+)
 from fastdelta.saving import (
     check_backbone,
+    has_config,
     load_tensors,
     read_config,
     read_tensors,
@@ -59,6 +67,10 @@ class AutoDeltaConfig:
     @staticmethod
     def from_finetuned(finetuned_delta_path: str | Path) -> BaseDeltaConfig:
         """The config of the delta checkpoint directory `finetuned_delta_path`."""
+        if is_peft_checkpoint(finetuned_delta_path) and not has_config(finetuned_delta_path):
+            return AutoDeltaConfig.from_dict(
+                lora_arguments(read_peft_config(finetuned_delta_path), None)
+            )
         arguments, _ = split_config(read_config(finetuned_delta_path))
         return AutoDeltaConfig.from_dict(arguments)
 
@@ -85,12 +97,19 @@ class AutoDeltaModel:
     def from_finetuned(finetuned_delta_path: str | Path, backbone_model: nn.Module) -> DeltaBase:
         """Rebuild the deltas saved at `finetuned_delta_path` on `backbone_model` (a fresh copy
         of the backbone they were trained on) and load their tensors, which become the
-        trainable parameters. Every key and shape is checked; a mismatch is an error."""
-        config = read_config(finetuned_delta_path)
-        arguments, metadata = split_config(config)
-        check_backbone(metadata, backbone_model, finetuned_delta_path)
-        delta_config = AutoDeltaConfig.from_dict(arguments)
-        tensors = read_tensors(finetuned_delta_path)
+        trainable parameters. Every key and shape is checked; a mismatch is an error.
+        A PEFT LoRA directory (adapter_config.json) loads too."""
+        if is_peft_checkpoint(finetuned_delta_path) and not has_config(finetuned_delta_path):
+            peft_config = read_peft_config(finetuned_delta_path)
+            targets = peft_targets(backbone_model, peft_config)
+            delta_config = AutoDeltaConfig.from_dict(lora_arguments(peft_config, targets))
+            tensors = read_peft_tensors(finetuned_delta_path)
+        else:
+            config = read_config(finetuned_delta_path)
+            arguments, metadata = split_config(config)
+            check_backbone(metadata, backbone_model, finetuned_delta_path)
+            delta_config = AutoDeltaConfig.from_dict(arguments)
+            tensors = read_tensors(finetuned_delta_path)
         delta_model = delta_model_class(delta_config.delta_type).from_config(
             delta_config, backbone_model
         )

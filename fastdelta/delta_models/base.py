@@ -86,10 +86,9 @@ class DeltaBase:
     def from_finetuned(cls, finetuned_delta_path, backbone_model: nn.Module, **kwargs):
         """Rebuild the deltas saved by `save_finetuned` at `finetuned_delta_path` on
         `backbone_model` and load their tensors (see `AutoDeltaModel.from_finetuned`)."""
-        from fastdelta.delta_models.auto import AutoDeltaModel
-        from fastdelta.saving import read_config
+        from fastdelta.delta_models.auto import AutoDeltaConfig, AutoDeltaModel
 
-        delta_type = read_config(finetuned_delta_path)["delta_type"]
+        delta_type = AutoDeltaConfig.from_finetuned(finetuned_delta_path).delta_type
         if delta_type != cls.config_class.delta_type:
             raise ValueError(
                 f"{str(finetuned_delta_path)!r} holds delta_type {delta_type!r}, which "
@@ -97,9 +96,13 @@ class DeltaBase:
             )
         return AutoDeltaModel.from_finetuned(finetuned_delta_path, backbone_model, **kwargs)
 
-    def save_finetuned(self, finetuned_delta_path="./delta_checkpoints/", **kwargs):
+    def save_finetuned(
+        self, finetuned_delta_path="./delta_checkpoints/", format: str = "fastdelta", **kwargs
+    ):
         """Save the config and the trainable tensors (the deltas and any trainable task head)
-        to the directory `finetuned_delta_path`; returns its path."""
+        to the directory `finetuned_delta_path`; returns its path. format="peft" writes LoRA
+        deltas in PEFT's layout (adapter_config.json, adapter_model.safetensors) instead."""
+        from fastdelta.peft_format import save_peft
         from fastdelta.saving import save_checkpoint
 
         if kwargs:
@@ -107,6 +110,10 @@ class DeltaBase:
                 f"save_finetuned got unsupported argument(s) {', '.join(sorted(kwargs))}: "
                 "fastdelta writes config.json and delta.safetensors and does not upload"
             )
+        if format == "peft":
+            return save_peft(self, finetuned_delta_path)
+        if format != "fastdelta":
+            raise ValueError(f"format must be 'fastdelta' or 'peft', got {format!r}")
         return save_checkpoint(self, finetuned_delta_path)
 
     @property

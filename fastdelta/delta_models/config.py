@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -93,11 +94,27 @@ class LoraConfig(BaseDeltaConfig):
     lora_alpha: float = 16
     lora_dropout: float = 0.0
     use_rslora: bool = False
+    # PEFT's per-module overrides: {regex: value}, a regex matching the end of a module's name
+    # (at a dot boundary) gives that module its own rank or alpha.
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
 
     def __post_init__(self):
         super().__post_init__()
         _require_positive_int(self.lora_r, "lora_r")
         _require_finite(self.lora_alpha, "lora_alpha")
+        for pattern, rank in (self.rank_pattern or {}).items():
+            _require_positive_int(rank, f"rank_pattern[{pattern!r}]")
+        for pattern, alpha in (self.alpha_pattern or {}).items():
+            _require_finite(alpha, f"alpha_pattern[{pattern!r}]")
+        for argument in ("rank_pattern", "alpha_pattern"):
+            for pattern in getattr(self, argument) or {}:
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise ValueError(
+                        f"{argument} key {pattern!r} is not a regex: {error}"
+                    ) from None
         _require_finite(self.lora_dropout, "lora_dropout")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -130,3 +147,12 @@ class ParallelAdapterConfig(AdapterConfig):
 @dataclass
 class BitFitConfig(BaseDeltaConfig):
     delta_type: ClassVar[str] = "bitfit"
+
+
+def pattern_value(patterns: dict | None, name: str, default):
+    """The value of the first of `patterns` ({regex: value}) that matches the end of the
+    module name `name` at a dot boundary (PEFT's rank_pattern rule), else `default`."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(?:.*\.)?(?:{pattern})$", name):
+            return value
+    return default

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from fastdelta.delta_models.base import DeltaBase, config_arguments
-from fastdelta.delta_models.config import LoraConfig
+from fastdelta.delta_models.config import LoraConfig, pattern_value
 from fastdelta.injection import detach_delta
 from fastdelta.layers.lora import LoraDelta
 from fastdelta.pseudo_input import is_conv1d, linear_sizes
@@ -17,7 +17,8 @@ class LoraModel(DeltaBase):
 
     Targets are `nn.Linear` or transformers' `Conv1D` (GPT-2's `c_attn` holds q, k and v in one
     layer, so its default targets `attn@.q@`, `attn@.v@` select it once).
-    `use_rslora=True` scales by lora_alpha / sqrt(lora_r) instead.
+    `use_rslora=True` scales by lora_alpha / sqrt(lora_r) instead. `rank_pattern` and
+    `alpha_pattern` ({regex: value}, PEFT's rule) give matching modules their own rank or alpha.
     """
 
     config_class = LoraConfig
@@ -37,6 +38,8 @@ class LoraModel(DeltaBase):
         backend: str = "hf",
         *,
         use_rslora: bool = False,
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 
@@ -87,8 +90,8 @@ class LoraModel(DeltaBase):
             delta = LoraDelta(
                 in_features,
                 out_features,
-                r=config.lora_r,
-                alpha=config.lora_alpha,
+                r=pattern_value(config.rank_pattern, name, config.lora_r),
+                alpha=pattern_value(config.alpha_pattern, name, config.lora_alpha),
                 dropout=config.lora_dropout,
                 use_rslora=config.use_rslora,
                 fan_in_fan_out=is_conv1d(module),
