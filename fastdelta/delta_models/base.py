@@ -198,6 +198,9 @@ class DeltaBase:
         host_name = module if isinstance(module, str) else self._name_of(module)
         host = self.backbone_model.get_submodule(host_name)
         delta_name = delta_name or getattr(delta_module, "delta_name", "delta")
+        # A new module starts in training mode; the delta follows its host's (an eval-mode
+        # model must not run LoRA dropout).
+        delta_module.train(host.training)
         attach_delta(host, delta_module, delta_name, role)
         self.attachments.append(Attachment(host_name, delta_name, role, delta_module))
 
@@ -211,7 +214,8 @@ class DeltaBase:
 
     def detach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
         """Take the deltas (inside `module`, default all) off the backbone, which then computes
-        exactly what it did before they were added. `attach()` puts them back."""
+        exactly what it did before they were added (a merged LoRA delta is unmerged first, which
+        restores its layer's weight to within the dtype's rounding). `attach()` puts them back."""
         selected = self._in_scope(module, attached=True, action="detach")
         for attachment in reversed(selected):
             host = self.backbone_model.get_submodule(attachment.host_name)

@@ -50,7 +50,8 @@ class LoraDelta(DeltaLayer):
     def replace_forward(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The host's output with the delta: x: [..., in_features] -> [..., out_features]."""
         if self.merged:
-            if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
+            trainable = self.lora_A.requires_grad or self.lora_B.requires_grad
+            if self.training and torch.is_grad_enabled() and trainable:
                 raise RuntimeError(
                     "This LoRA delta is merged into its layer's weight, so training it would "
                     "change nothing: call unmerge() on the delta model before training (or "
