@@ -51,8 +51,8 @@ def read_peft_config(path: str | Path) -> dict[str, Any]:
     """adapter_config.json of `path`, refusing any PEFT feature fastdelta does not support."""
     config_file = Path(path) / CONFIG_NAME
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_file} is not valid JSON: {error}") from error
     if config.get("peft_type") != "LORA":
         raise ValueError(

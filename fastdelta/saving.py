@@ -3,9 +3,9 @@
 `config.json` holds the delta type and every constructor argument at its top level (as
 OpenDelta writes it), plus what loading checks: the backbone's class and name, the modules the
 deltas were attached to, the format version and the library versions. `delta.safetensors` holds
-the trainable tensors only (the deltas, and a task head left trainable), keyed by their names in
-the backbone, in the model's dtype. Loading checks every key and shape and names what differs;
-nothing is skipped.
+the deltas' tensors and any other trainable tensor (a task head), keyed by their names in the
+backbone, in the model's dtype; config.json lists the delta tensors that were frozen. Loading
+checks every key and shape and names what differs; nothing is skipped.
 """
 
 from __future__ import annotations
@@ -34,10 +34,26 @@ METADATA_KEYS = (
     "backbone_class",
     "backbone_checkpoint_name",
     "targets",
+    "frozen_tensors",
     "fastdelta_version",
     "torch_version",
     "transformers_version",
 )
+
+
+def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(tensors to save, names of the frozen ones): every delta parameter, trainable or not,
+    and every other trainable parameter (a task head); a tied parameter under its first name."""
+    from fastdelta.layers.base import delta_parameter_names
+
+    deltas = delta_parameter_names(model)
+    tensors, frozen = {}, []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad or name in deltas:
+            tensors[name] = parameter.detach()
+            if not parameter.requires_grad:
+                frozen.append(name)
+    return tensors, frozen
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -66,12 +82,11 @@ def save_checkpoint(delta_model: DeltaBase, path: str | Path) -> Path:
             "The LoRA deltas are merged into the backbone's weights: call unmerge() before "
             "save_finetuned(), so the checkpoint holds the deltas themselves"
         )
-    tensors = trainable_tensors(delta_model.backbone_model)
-    if not tensors:
-        raise ValueError(
-            "Nothing to save: no parameter of the backbone is trainable. Call "
-            "delta_model.freeze_module() (which keeps the deltas trainable) before saving"
+    if not any(attachment.attached for attachment in delta_model.attachments):
+        raise RuntimeError(
+            "Nothing to save: every delta is detached; call attach() before save_finetuned()"
         )
+    tensors, frozen = checkpoint_tensors(delta_model.backbone_model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     backbone = delta_model.backbone_model
@@ -81,6 +96,7 @@ def save_checkpoint(delta_model: DeltaBase, path: str | Path) -> Path:
         "backbone_class": type(backbone).__name__,
         "backbone_checkpoint_name": checkpoint_name(backbone),
         "targets": [a.host_name for a in delta_model.attachments if a.attached],
+        "frozen_tensors": frozen,
         "fastdelta_version": __version__,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
@@ -110,8 +126,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(path)!r} has no {CONFIG_NAME}: it is not a delta checkpoint")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_file} is not valid JSON: {error}") from error
     if not isinstance(config, dict) or "delta_type" not in config:
         raise ValueError(f"{config_file} has no 'delta_type': it is not a fastdelta delta config")
@@ -166,11 +182,14 @@ def _listing(names: list[str]) -> str:
 
 
 def load_tensors(
-    delta_model: DeltaBase, tensors: dict[str, torch.Tensor], source: str | Path
+    delta_model: DeltaBase,
+    tensors: dict[str, torch.Tensor],
+    source: str | Path,
+    frozen: list[str] = (),
 ) -> None:
     """Copy `tensors` into the backbone after checking that they are exactly the delta's
     parameters (plus any saved head): missing, unexpected and misshapen tensors are errors.
-    The loaded tensors become the trainable ones, as they were when saved."""
+    The loaded tensors other than `frozen` become the trainable ones, as they were when saved."""
     from fastdelta.layers.base import delta_parameter_names
 
     backbone = delta_model.backbone_model
@@ -189,7 +208,8 @@ def load_tensors(
     if unexpected:
         problems.append(f"tensors this model has no parameter for: {_listing(unexpected)}")
     if misshapen:
-        problems.append("shapes that differ: " + "; ".join(misshapen[:5]))
+        more = f" and {len(misshapen) - 5} more" if len(misshapen) > 5 else ""
+        problems.append("shapes that differ: " + "; ".join(misshapen[:5]) + more)
     if problems:
         raise ValueError(
             f"The delta checkpoint {str(source)!r} does not fit this {delta_model.delta_type} "
@@ -199,4 +219,4 @@ def load_tensors(
         for name, parameter in parameters.items():
             if name in tensors:
                 parameter.copy_(tensors[name])
-            parameter.requires_grad_(name in tensors)
+            parameter.requires_grad_(name in tensors and name not in frozen)

@@ -99,6 +99,7 @@ class AutoDeltaModel:
         of the backbone they were trained on) and load their tensors, which become the
         trainable parameters. Every key and shape is checked; a mismatch is an error.
         A PEFT LoRA directory (adapter_config.json) loads too."""
+        frozen = []
         if is_peft_checkpoint(finetuned_delta_path) and not has_config(finetuned_delta_path):
             peft_config = read_peft_config(finetuned_delta_path)
             targets = peft_targets(backbone_model, peft_config)
@@ -110,11 +111,12 @@ class AutoDeltaModel:
             check_backbone(metadata, backbone_model, finetuned_delta_path)
             delta_config = AutoDeltaConfig.from_dict(arguments)
             tensors = read_tensors(finetuned_delta_path)
+            frozen = metadata.get("frozen_tensors", [])
         delta_model = delta_model_class(delta_config.delta_type).from_config(
             delta_config, backbone_model
         )
         try:
-            load_tensors(delta_model, tensors, finetuned_delta_path)
+            load_tensors(delta_model, tensors, finetuned_delta_path, frozen)
         except Exception:
             delta_model.detach()
             raise
