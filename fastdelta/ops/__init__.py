@@ -15,12 +15,15 @@ from fastdelta.ops.lora import lora_linear_op
 
 def _check_lora_arguments(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out):
     """Raise a ValueError naming the argument whose shape, dtype or device does not fit."""
+    for name, tensor in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if tensor.dim() != 2:
+            raise ValueError(
+                f"fastdelta.ops.lora_linear: {name} must be 2-D, got shape {tuple(tensor.shape)}"
+            )
     out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
     layout = "[in, out] (fan_in_fan_out)" if fan_in_fan_out else "[out, in]"
     problems = []
-    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        problems.append("weight, lora_A and lora_B must be 2-D")
-    elif x.shape[-1] != in_features:
+    if x.shape[-1] != in_features:
         problems.append(
             f"x has {x.shape[-1]} features but the weight {tuple(weight.shape)}, laid out as "
             f"{layout}, takes {in_features}"
@@ -85,11 +88,15 @@ def lora_linear(
 
 def _check_adapter_arguments(h, down_weight, down_bias, up_weight, up_bias, residual):
     """Raise a ValueError naming the argument whose shape, dtype or device does not fit."""
+    for name, tensor in (("down_weight", down_weight), ("up_weight", up_weight)):
+        if tensor.dim() != 2:
+            raise ValueError(
+                f"fastdelta.ops.adapter_bottleneck: {name} must be 2-D, got shape "
+                f"{tuple(tensor.shape)}"
+            )
     problems = []
     bottleneck = down_weight.shape[0]
-    if down_weight.dim() != 2 or up_weight.dim() != 2:
-        problems.append("down_weight and up_weight must be 2-D")
-    elif h.shape[-1] != down_weight.shape[1]:
+    if h.shape[-1] != down_weight.shape[1]:
         problems.append(
             f"h has {h.shape[-1]} features but down_weight {tuple(down_weight.shape)} takes "
             f"{down_weight.shape[1]}"

@@ -79,8 +79,9 @@ def _triton_reason(device: torch.device | None) -> str | None:
 
 def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
     """Why backend `name` cannot run (on `device`, when given) in this process; None if it can."""
+    _check_name(name, "unavailable_reason")
     device = None if device is None else torch.device(device)
-    if name == "torch":
+    if name in ("torch", "auto"):
         return None
     if name == "triton":
         return _triton_reason(device)

@@ -39,6 +39,11 @@ def base_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.t() if fan_in_fan_out else weight
 
 
+def _sum_rows(t: torch.Tensor) -> torch.Tensor:
+    """Column sums of a 2-D tensor, accumulated in at least float32."""
+    return t.sum(0, dtype=torch.promote_types(t.dtype, torch.float32)).to(t.dtype)
+
+
 def base_grads(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -51,7 +56,7 @@ def base_grads(
     if need_weight:
         grad_weight = x.t() @ grad_y if fan_in_fan_out else grad_y.t() @ x
     if need_bias:
-        grad_bias = grad_y.sum(0, dtype=torch.float32).to(grad_y.dtype)
+        grad_bias = _sum_rows(grad_y)
     return grad_weight, grad_bias
 
 
@@ -73,9 +78,8 @@ def lora_forward(
     xa = (x2d if seed is None else _dropped(x2d, seed, dropout_p)) @ lora_A.t()
     y.addmm_(xa * scaling, lora_B.t())
     leading = x.shape[:-1]
-    return y.view(*leading, -1), xa.to(torch.promote_types(xa.dtype, torch.float32)).view(
-        *leading, -1
-    )
+    xa = xa.to(torch.promote_types(xa.dtype, torch.float32))
+    return y.view(*leading, y.shape[-1]), xa.view(*leading, xa.shape[-1])
 
 
 def lora_backward(
@@ -98,7 +102,7 @@ def lora_backward(
     grad_xa = (grad2d @ lora_B) * scaling if need_x or need_A else None
     grad_A = grad_B = grad_x = None
     if need_B:
-        grad_B = grad2d.t() @ (xa.reshape(grad2d.shape[0], -1) * scaling).to(grad2d.dtype)
+        grad_B = grad2d.t() @ (xa.reshape(-1, xa.shape[-1]) * scaling).to(grad2d.dtype)
     if need_A:
         dropped = x2d if seed is None else _dropped(x2d, seed, dropout_p)
         grad_A = grad_xa.t() @ dropped
@@ -111,10 +115,6 @@ def lora_backward(
         grad_x = grad_x.view(x.shape)
     grad_weight, grad_bias = base_grads(grad2d, x2d, fan_in_fan_out, need_weight, need_bias)
     return grad_x, grad_weight, grad_bias, grad_A, grad_B
-
-
-def _sum_rows(t: torch.Tensor) -> torch.Tensor:
-    return t.sum(0, dtype=torch.promote_types(t.dtype, torch.float32)).to(t.dtype)
 
 
 def adapter_forward(
@@ -131,13 +131,13 @@ def adapter_forward(
     float32 (float64 for float64 h). residual None means h (a sequential adapter)."""
     h2d = h.reshape(-1, h.shape[-1])
     pre = torch.nn.functional.linear(h2d, down_weight, down_bias)
-    residual2d = h2d if residual is None else residual.reshape(h2d.shape[0], -1)
+    residual2d = h2d if residual is None else residual.reshape(-1, residual.shape[-1])
     out = torch.addmm(residual2d, ACTIVATIONS[activation](pre) * scaling, up_weight.t())
     if up_bias is not None:
         out += up_bias * scaling
     leading = h.shape[:-1]
     pre = pre.to(torch.promote_types(pre.dtype, torch.float32))
-    return out.view(*leading, -1), pre.view(*leading, -1)
+    return out.view(*leading, out.shape[-1]), pre.view(*leading, pre.shape[-1])
 
 
 def adapter_backward(
@@ -156,7 +156,7 @@ def adapter_backward(
     need_h, need_down_weight, need_down_bias, need_up_weight, need_up_bias = needs
     grad2d = grad_out.reshape(-1, grad_out.shape[-1])
     h2d = h.reshape(-1, h.shape[-1])
-    pre2d = pre.reshape(grad2d.shape[0], -1)
+    pre2d = pre.reshape(-1, pre.shape[-1])
     dtype = grad2d.dtype
     grad_h = grad_down_weight = grad_down_bias = grad_up_weight = grad_up_bias = None
     if need_up_weight:
