@@ -59,7 +59,14 @@ def read_peft_config(path: str | Path) -> dict[str, Any]:
             f"{config_file} has peft_type {config.get('peft_type')!r}: fastdelta loads PEFT "
             "adapters of peft_type 'LORA' only"
         )
-    refused = [field for field in UNSUPPORTED_FIELDS if config.get(field)]
+    # 0 counts (layers_to_transform=0 means layer 0); None, False and empty values do not.
+    refused = [
+        field
+        for field in UNSUPPORTED_FIELDS
+        if config.get(field) is not None
+        and config.get(field) is not False
+        and config.get(field) not in ([], {}, "")
+    ]
     if config.get("bias", "none") != "none":
         refused.append(f"bias={config['bias']!r}")
     if refused:
@@ -86,8 +93,17 @@ def peft_targets(model: nn.Module, config: dict[str, Any]) -> list[str]:
     linears = [name for name, module in model.named_modules() if name and linear_sizes(module)]
     targets = config["target_modules"]
     if targets == "all-linear":
+        # PEFT's rule: every linear layer but the output layer and the task head.
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = [name for name in linears if model.get_submodule(name) is not output]
+        heads = list(config.get("modules_to_save") or [])
+        if config.get("task_type") == "SEQ_CLS":
+            heads += ["classifier", "score"]
+        names = [
+            name
+            for name in linears
+            if model.get_submodule(name) is not output
+            and not any(_peft_selects(prefix, heads) for prefix in _prefixes(name))
+        ]
     else:
         names = [name for name, _ in model.named_modules() if name and _peft_selects(name, targets)]
     names = [name for name in names if not _peft_selects(name, config.get("exclude_modules"))]
@@ -99,16 +115,45 @@ def peft_targets(model: nn.Module, config: dict[str, Any]) -> list[str]:
     return names
 
 
-def lora_arguments(config: dict[str, Any], targets: list[str] | None) -> dict[str, Any]:
-    """LoraConfig arguments equivalent to a PEFT LoRA config. With `targets` (resolved on a
-    backbone) they are named exactly; else PEFT's target_modules are translated."""
+def _prefixes(name: str) -> list[str]:
+    """`name` and the names of its ancestors: a.b.c -> a, a.b, a.b.c."""
+    segments = name.split(".")
+    return [".".join(segments[: index + 1]) for index in range(len(segments))]
+
+
+def _as_entries(peft_targets: str | list[str] | None) -> list[str] | None:
+    """PEFT's target/exclude rule in fastdelta's addressing: list entries mean the same; a
+    string is a regex over the whole name."""
+    if not peft_targets:
+        return None
+    return [f"[r]^(?:{peft_targets})$"] if isinstance(peft_targets, str) else list(peft_targets)
+
+
+def lora_arguments(
+    config: dict[str, Any], targets: list[str] | None, model: nn.Module | None = None
+) -> dict[str, Any]:
+    """LoraConfig arguments equivalent to a PEFT LoRA config. With `targets` resolved on
+    `model` they are named exactly; else PEFT's target_modules are translated."""
+    heads = list(config.get("modules_to_save") or [])
+    if model is not None:
+        # PEFT skips modules_to_save entries that match nothing (SEQ_CLS lists two names).
+        names = [name for name, _ in model.named_modules() if name]
+        heads = [head for head in heads if any(_peft_selects(name, [head]) for name in names)]
+    exclude = None
     if targets is None:
-        entries = config["target_modules"]
-        targets = [f"[r]^(?:{entries})$"] if isinstance(entries, str) else list(entries)
+        if config["target_modules"] == "all-linear":
+            raise ValueError(
+                "target_modules='all-linear' names modules only on a backbone: load the adapter "
+                "with AutoDeltaModel.from_finetuned(path, backbone_model)"
+            )
+        targets = _as_entries(config["target_modules"])
+        exclude = _as_entries(config.get("exclude_modules"))
     return {
         "delta_type": "lora",
         "modified_modules": targets,
-        "unfrozen_modules": list(config.get("modules_to_save") or []) or None,
+        "exclude_modules": exclude,
+        # The deltas train with the head, as in PEFT.
+        "unfrozen_modules": ["deltas", *heads] if heads else None,
         "lora_r": config.get("r", 8),
         "lora_alpha": config.get("lora_alpha", 8),
         "lora_dropout": config.get("lora_dropout", 0.0),
@@ -168,6 +213,14 @@ def save_peft(delta_model: LoraModel, path: str | Path) -> Path:
     heads = sorted(
         {name.rpartition(".")[0] for name in trainable_tensors(backbone) if name not in deltas}
     )
+    hosts = {attachment.host_name for attachment in attachments}
+    tangled = [head for head in heads if any(set(_prefixes(host)) & {head} for host in hosts)]
+    if tangled:
+        raise ValueError(
+            f"PEFT's layout saves whole modules besides the LoRA deltas, but {tangled[0]!r} "
+            "holds a LoRA layer and has trainable parameters of its own: call "
+            "delta_model.freeze_module() before save_finetuned(format='peft')"
+        )
     for head in heads:
         for name, tensor in backbone.get_submodule(head).named_parameters():
             tensors[f"{PREFIX}{head}.{name}"] = tensor.detach()

@@ -103,7 +103,8 @@ class AutoDeltaModel:
         if is_peft_checkpoint(finetuned_delta_path) and not has_config(finetuned_delta_path):
             peft_config = read_peft_config(finetuned_delta_path)
             targets = peft_targets(backbone_model, peft_config)
-            delta_config = AutoDeltaConfig.from_dict(lora_arguments(peft_config, targets))
+            arguments = lora_arguments(peft_config, targets, backbone_model)
+            delta_config = AutoDeltaConfig.from_dict(arguments)
             tensors = read_peft_tensors(finetuned_delta_path)
         else:
             config = read_config(finetuned_delta_path)
