@@ -57,7 +57,7 @@ class AdapterDelta(DeltaLayer):
         )
 
     def backend_name(self) -> str:
-        return ops.resolve_backend(self.down_weight.device)
+        return ops.resolve_backend(self.down_weight.device, self.down_weight.dtype)
 
     def extra_repr(self) -> str:
         bottleneck_dim, in_features = self.down_weight.shape

@@ -95,7 +95,7 @@ class LoraDelta(DeltaLayer):
     def backend_name(self) -> str:
         if self.merged:
             return "merged"
-        return ops.resolve_backend(self.lora_A.device)
+        return ops.resolve_backend(self.lora_A.device, self.lora_A.dtype)
 
     def extra_repr(self) -> str:
         out_features, r = self.lora_B.shape
