@@ -28,10 +28,6 @@ def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, ...], p: float) -> t
     return bits >= round(p * _INT16_VALUES) - _INT16_VALUES // 2
 
 
-def _dropped(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """dropout(x) with the mask drawn from `seed`: x * keep / (1 - p)."""
-    keep = dropout_keep_mask(seed, tuple(x.shape), p)
-    return torch.where(keep, x * (1.0 / (1.0 - p)), 0)
 
 
 def base_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -75,7 +71,12 @@ def lora_forward(
     (float64 for float64 x)."""
     x2d = x.reshape(-1, x.shape[-1])
     y = torch.nn.functional.linear(x2d, base_weight(weight, fan_in_fan_out), bias)
-    xa = (x2d if seed is None else _dropped(x2d, seed, dropout_p)) @ lora_A.t()
+    if seed is None:
+        xa = x2d @ lora_A.t()
+    else:
+        # The 1 / (1 - p) of inverted dropout scales the [M, r] product, not the [M, K] input.
+        keep = dropout_keep_mask(seed, tuple(x2d.shape), dropout_p)
+        xa = (torch.where(keep, x2d, 0) @ lora_A.t()) * (1.0 / (1.0 - dropout_p))
     y.addmm_(xa * scaling, lora_B.t())
     leading = x.shape[:-1]
     xa = xa.to(torch.promote_types(xa.dtype, torch.float32))
@@ -101,17 +102,21 @@ def lora_backward(
     x2d = x.reshape(-1, x.shape[-1])
     grad_xa = (grad2d @ lora_B) * scaling if need_x or need_A else None
     grad_A = grad_B = grad_x = None
+    keep = None
+    if seed is not None and (need_A or need_x):
+        keep = dropout_keep_mask(seed, tuple(x2d.shape), dropout_p)  # drawn once for both
+        grad_xa = grad_xa * (1.0 / (1.0 - dropout_p))
     if need_B:
         grad_B = grad2d.t() @ (xa.reshape(-1, xa.shape[-1]) * scaling).to(grad2d.dtype)
+    # With dropout, grad_xa carries the 1 / (1 - p) scale and `keep` the mask.
     if need_A:
-        dropped = x2d if seed is None else _dropped(x2d, seed, dropout_p)
-        grad_A = grad_xa.t() @ dropped
+        grad_A = grad_xa.t() @ (x2d if keep is None else torch.where(keep, x2d, 0))
     if need_x:
         grad_x = grad2d @ base_weight(weight, fan_in_fan_out)
-        if seed is None:
+        if keep is None:
             grad_x.addmm_(grad_xa, lora_A)
         else:
-            grad_x += _dropped(grad_xa @ lora_A, seed, dropout_p)
+            grad_x += torch.where(keep, grad_xa @ lora_A, 0)
         grad_x = grad_x.view(x.shape)
     grad_weight, grad_bias = base_grads(grad2d, x2d, fan_in_fan_out, need_weight, need_bias)
     return grad_x, grad_weight, grad_bias, grad_A, grad_B
