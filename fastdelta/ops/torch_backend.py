@@ -28,8 +28,6 @@ def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, ...], p: float) -> t
     return bits >= round(p * _INT16_VALUES) - _INT16_VALUES // 2
 
 
-
-
 def base_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     """The weight as nn.Linear holds it, [N, K]: a transposed view of a Conv1D weight."""
     return weight.t() if fan_in_fan_out else weight
