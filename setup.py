@@ -1,15 +1,52 @@
 """Packaging for fastdelta.
 
 `kernels/` is a top-level folder in the repository but installs as `fastdelta.kernels`, so no
-top-level package called `kernels` is ever installed.
+top-level package called `kernels` is ever installed; `csrc/` likewise installs as
+`fastdelta.csrc`, its C++/CUDA sources shipped as package data for the just-in-time build of the
+cpp backend. With FASTDELTA_BUILD_EXT=1 that extension is built here instead (with ninja; CUDA
+kernels where torch has CUDA and a CUDA toolkit is found), as fastdelta/_C_<key>.so.
 """
 
+import importlib.util
+import os
 import re
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+
+
+def extension_build():
+    """(ext_modules, cmdclass) that build the C++ extension when FASTDELTA_BUILD_EXT=1, else
+    nothing: the first use of the cpp backend then builds it into a cache directory."""
+    if os.environ.get("FASTDELTA_BUILD_EXT") != "1":
+        return [], {}
+    from torch.utils import cpp_extension
+
+    # The sources, flags and build key come from the module that loads the extension at run
+    # time, so both builds agree; it is loaded by path because fastdelta is not installed yet.
+    name = "fastdelta_extension_settings"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "fastdelta/ops/_extension.py")
+    extension = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extension)
+    settings = extension.build_settings(ROOT / "csrc")
+    module_name = extension.prebuilt_name(settings)
+    for stale in (ROOT / "fastdelta").glob("_C_*.so"):
+        if not stale.name.startswith(module_name):
+            stale.unlink()
+    kind = cpp_extension.CUDAExtension if settings.with_cuda else cpp_extension.CppExtension
+    module = kind(
+        name=f"fastdelta.{module_name}",
+        sources=[str(path.relative_to(ROOT)) for path in settings.sources],
+        extra_compile_args={"cxx": list(extension.CXX_FLAGS), "nvcc": list(extension.NVCC_FLAGS)},
+        extra_link_args=list(extension.LINK_FLAGS),
+    )
+    return [module], {"build_ext": cpp_extension.BuildExtension}
+
+
+EXTENSIONS, COMMANDS = extension_build()
 VERSION = re.search(
     r'^__version__ = "([^"]+)"', (ROOT / "fastdelta" / "version.py").read_text(), re.M
 ).group(1)
@@ -21,8 +58,15 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[*find_packages(include=["fastdelta", "fastdelta.*"]), "fastdelta.kernels"],
-    package_dir={"fastdelta.kernels": "kernels"},
+    packages=[
+        *find_packages(include=["fastdelta", "fastdelta.*"]),
+        "fastdelta.kernels",
+        "fastdelta.csrc",
+    ],
+    package_dir={"fastdelta.kernels": "kernels", "fastdelta.csrc": "csrc"},
+    package_data={"fastdelta.csrc": ["*.h", "*.cpp", "*/*.h", "*/*.cpp", "*/*.cu", "*/*.cuh"]},
+    ext_modules=EXTENSIONS,
+    cmdclass=COMMANDS,
     install_requires=[
         "torch>=2.4",
         "transformers>=4.45",

@@ -1,8 +1,10 @@
-"""`fastdelta::adapter_bottleneck`: both backends against a float64 oracle, and the op's contract.
+"""`fastdelta::adapter_bottleneck`: every backend against a float64 oracle, and its contract.
 
 The triton backend runs on CPU tensors through Triton's interpreter (conftest.py sets
-TRITON_INTERPRET=1 without a GPU), so every check here covers both backends; the interpreter is
-slow, so the accuracy sweep is a covering set of shapes, not their cartesian product.
+TRITON_INTERPRET=1 without a GPU) and the cpp backend through the C++ extension's CPU kernels
+(built just in time on first use, once), so every check here covers all three backends; the
+interpreter is slow, so the accuracy sweep is a covering set of shapes, not their cartesian
+product.
 
 Accuracy rule (TOLERANCES, one entry per dtype): float32 results must be within a fixed
 tolerance of the float64 reference; a float16 or bfloat16 result's largest error against the
@@ -29,7 +31,9 @@ from fastdelta.ops.backend import (
     unavailable_reason,
 )
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cpp")
+# The backends that compute in float64 too (Triton's kernels do not).
+FLOAT64_BACKENDS = ("torch", "cpp")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = (F32, F16, BF16)
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
@@ -295,8 +299,9 @@ def test_matches_the_float64_reference(backend, case):
     check_against_reference(inputs, dtype, scaling, activation)
 
 
-def test_float64_on_the_torch_backend_is_float64_exact(use_backend):
-    use_backend("torch")
+@pytest.mark.parametrize("backend_name", FLOAT64_BACKENDS)
+def test_float64_is_float64_exact(use_backend, backend_name):
+    use_backend(backend_name)
     inputs = make_inputs((3, 4), 12, 9, 8, torch.float64, parallel=True, seed=1)
     got = run(ops.adapter_bottleneck, inputs, 0.5, "gelu")
     expected = reference64(inputs, 0.5, "gelu")
@@ -700,14 +705,15 @@ def test_a_non_string_activation_is_a_type_error():
 
 
 # --------------------------------------------------------------------------------------------
-# 9. The adapter delta models run the same on both backends.
+# 9. The adapter delta models run the same on every backend.
 
 
 # Large pre-activations overflow exp() in the interpreter's sigmoid, which then is exactly 0.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("fast", ["triton", "cpp"])
 @pytest.mark.parametrize("delta_class", [AdapterModel, ParallelAdapterModel])
-def test_delta_models_agree_across_backends(use_backend, delta_class):
-    use_backend("triton")  # skips where Triton cannot run on CPU tensors
+def test_delta_models_agree_across_backends(use_backend, delta_class, fast):
+    use_backend(fast)  # skips where the backend cannot run on CPU tensors
     model = tiny_model("bert")
     delta_model = delta_class(model, bottleneck_dim=12, non_linearity="gelu_new")
     delta_model.freeze_module()
@@ -731,13 +737,13 @@ def test_delta_models_agree_across_backends(use_backend, delta_class):
         return output.detach(), {name: p.grad.clone() for name, p in trainable}
 
     torch_output, torch_grads = forward_backward_on("torch")
-    triton_output, triton_grads = forward_backward_on("triton")
-    torch.testing.assert_close(triton_output, torch_output, rtol=1e-5, atol=1e-5)
-    assert triton_grads.keys() == torch_grads.keys()
+    fast_output, fast_grads = forward_backward_on(fast)
+    torch.testing.assert_close(fast_output, torch_output, rtol=1e-5, atol=1e-5)
+    assert fast_grads.keys() == torch_grads.keys()
     for name, grad in torch_grads.items():
         scale = max(grad.abs().max().item(), 1.0)
         torch.testing.assert_close(
-            triton_grads[name],
+            fast_grads[name],
             grad,
             rtol=1e-4,
             atol=1e-5 * scale,

@@ -1,8 +1,10 @@
-"""`fastdelta::lora_linear`: both backends against a float64 oracle, and the op's contract.
+"""`fastdelta::lora_linear`: every backend against a float64 oracle, and the op's contract.
 
 The triton backend runs on CPU tensors through Triton's interpreter (conftest.py sets
-TRITON_INTERPRET=1 without a GPU), so every check here covers both backends; the interpreter is
-slow, so the accuracy sweep is a covering set of shapes, not their cartesian product.
+TRITON_INTERPRET=1 without a GPU) and the cpp backend through the C++ extension's CPU kernels
+(built just in time on first use, once, into the cache directory), so every check here covers
+all three backends; the interpreter is slow, so the accuracy sweep is a covering set of shapes,
+not their cartesian product.
 
 Accuracy rule (TOLERANCES, one entry per dtype): float32 results must be within a fixed
 tolerance of the float64 reference; a float16 or bfloat16 result's largest error against the
@@ -30,7 +32,9 @@ from fastdelta.ops.backend import (
     unavailable_reason,
 )
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cpp")
+# The backends that compute in float64 too (Triton's kernels do not).
+FLOAT64_BACKENDS = ("torch", "cpp")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
 SCALING = 1.5
@@ -261,10 +265,11 @@ def test_matches_the_float64_reference(backend, case):
     check_against_reference(inputs, grad_out, dtype, trainable, fan_in_fan_out=fan_in_fan_out)
 
 
-def test_float64_matches_the_reference_to_float64_precision(use_backend):
-    """The torch backend takes float64 (xa is float64 then); its gradients should be as exact as
-    autograd's."""
-    use_backend("torch")
+@pytest.mark.parametrize("backend_name", FLOAT64_BACKENDS)
+def test_float64_matches_the_reference_to_float64_precision(use_backend, backend_name):
+    """The torch and cpp backends take float64 (xa is float64 then); their gradients should be
+    as exact as autograd's."""
+    use_backend(backend_name)
     inputs, grad_out = make_inputs(300, 7, 5, 2, torch.float64)
     y, grads = run(lambda *args: ops.lora_linear(*args, SCALING), inputs, NAMES, grad_out)
     y64, grads64 = run(lambda *args: reference.lora_linear(*args, SCALING), inputs, NAMES, grad_out)
@@ -273,8 +278,9 @@ def test_float64_matches_the_reference_to_float64_precision(use_backend):
         torch.testing.assert_close(grads[name], grads64[name], rtol=1e-12, atol=1e-12)
 
 
-def test_float64_bias_gradient_is_float64_exact(use_backend):
-    use_backend("torch")
+@pytest.mark.parametrize("backend_name", FLOAT64_BACKENDS)
+def test_float64_bias_gradient_is_float64_exact(use_backend, backend_name):
+    use_backend(backend_name)
     inputs, grad_out = make_inputs(300, 7, 5, 2, torch.float64)
     _, grads = run(lambda *args: ops.lora_linear(*args, SCALING), inputs, NAMES, grad_out)
     _, grads64 = run(lambda *args: reference.lora_linear(*args, SCALING), inputs, NAMES, grad_out)
@@ -416,13 +422,12 @@ def test_backward_uses_the_forward_mask(backend, shape, dtype, fan_in_fan_out, t
 
 
 def op_keep_mask(p, rows, k, seed):
-    """The keep-mask the op itself draws for an [rows, k] x: with x = 1 and lora_A = I, the xa
-    it returns is keep / (1 - p)."""
-    x = torch.ones(rows, k)
-    weight, lora_B = torch.zeros(1, k), torch.zeros(1, k)
-    _, xa = torch.ops.fastdelta.lora_linear(
-        x, weight, None, torch.eye(k), lora_B, seed, 1.0, p, False
-    )
+    """The keep-mask the op itself draws for an [rows, k] x on the seed's device: with x = 1 and
+    lora_A = I, the xa it returns is keep / (1 - p)."""
+    x = torch.ones(rows, k, device=seed.device)
+    weight, lora_B = torch.zeros(1, k, device=seed.device), torch.zeros(1, k, device=seed.device)
+    eye = torch.eye(k, device=seed.device)
+    _, xa = torch.ops.fastdelta.lora_linear(x, weight, None, eye, lora_B, seed, 1.0, p, False)
     keep = xa != 0
     torch.testing.assert_close(xa[keep], torch.full_like(xa[keep], 1 / (1 - p)))
     return keep
@@ -602,10 +607,21 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 # 8. Backend selection.
 
 
-def test_the_cpp_backend_is_not_built(use_backend):
-    with pytest.raises(RuntimeError, match="'cpp' backend"):
-        set_backend("cpp")
-    assert get_backend() != "cpp"
+def available(names=BACKENDS, device="cpu"):
+    """The backends among `names` that can run on `device` here."""
+    return [name for name in names if unavailable_reason(name, device) is None]
+
+
+def test_forced_cpp_runs_the_extensions_own_ops(use_backend):
+    """fastdelta::lora_linear stays the one public op; with the cpp backend its implementation
+    calls the extension's fastdelta_C ops, forward and backward."""
+    use_backend("cpp")
+    inputs, grad_out = make_inputs(4, 6, 5, 2, F32)
+    with torch.autograd.profiler.profile() as profile:
+        run(lambda *args: ops.lora_linear(*args, SCALING, 0.1), inputs, NAMES, grad_out)
+    names = {event.name for event in profile.function_events}
+    assert {"fastdelta::lora_linear", "fastdelta_C::lora_forward"} <= names
+    assert {"fastdelta::lora_linear_backward", "fastdelta_C::lora_backward"} <= names
 
 
 def test_an_unknown_backend_is_a_value_error(use_backend):
@@ -628,17 +644,19 @@ def test_auto_runs_cpu_tensors_on_torch(use_backend, monkeypatch):
         assert resolve_backend("cpu", dtype) == "torch"
     torch_calls = spy_on(monkeypatch, backend_module("torch"))
     triton_calls = spy_on(monkeypatch, backend_module("triton")) if _triton_imports() else []
+    cpp_calls = spy_on(monkeypatch, backend_module("cpp")) if available(["cpp"]) else []
     inputs, grad_out = make_inputs(4, 6, 5, 2, F32)
     run(lambda *args: ops.lora_linear(*args, SCALING), inputs, NAMES, grad_out)
-    assert torch_calls == ["lora_forward", "lora_backward"] and triton_calls == []
+    assert torch_calls == ["lora_forward", "lora_backward"]
+    assert triton_calls == [] and cpp_calls == []
 
 
 def test_the_forced_backend_runs_the_op(backend, monkeypatch):
-    calls = {name: spy_on(monkeypatch, backend_module(name)) for name in BACKENDS}
+    calls = {name: spy_on(monkeypatch, backend_module(name)) for name in available()}
     inputs, grad_out = make_inputs(4, 6, 5, 2, F32)
     run(lambda *args: ops.lora_linear(*args, SCALING), inputs, NAMES, grad_out)
     assert calls[backend] == ["lora_forward", "lora_backward"]
-    assert all(not calls[other] for other in BACKENDS if other != backend)
+    assert all(not calls[other] for other in calls if other != backend)
 
 
 def test_forced_triton_refuses_float64(use_backend):
@@ -655,11 +673,11 @@ def test_the_environment_variable_chooses_the_backend(use_backend, monkeypatch):
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "torch")
     assert get_backend() == "torch"
     assert resolve_backend("cpu", F32) == "torch"
-    if unavailable_reason("triton", "cpu") is None:
-        monkeypatch.setenv(ENVIRONMENT_VARIABLE, "triton")
-        assert get_backend() == "triton"
-        assert resolve_backend("cpu", F32) == "triton"
-        calls = spy_on(monkeypatch, backend_module("triton"))
+    for name in available(["triton", "cpp"]):
+        monkeypatch.setenv(ENVIRONMENT_VARIABLE, name)
+        assert get_backend() == name
+        assert resolve_backend("cpu", F32) == name
+        calls = spy_on(monkeypatch, backend_module(name))
         inputs, grad_out = make_inputs(4, 6, 5, 2, F32)
         run(lambda *args: ops.lora_linear(*args, SCALING), inputs, NAMES, grad_out)
         assert calls == ["lora_forward", "lora_backward"]
@@ -797,17 +815,7 @@ def test_float32_lora_weights_with_a_bfloat16_model(backend, dropout_p):
 # Edge cases.
 
 
-def test_an_empty_batch_on_the_torch_backend(use_backend):
-    use_backend("torch")
-    check_empty_batch()
-
-
-def test_an_empty_batch_on_the_triton_backend(use_backend):
-    use_backend("triton")
-    check_empty_batch()
-
-
-def check_empty_batch():
+def test_an_empty_batch(backend):
     inputs, grad_out = make_inputs((0, 3), 6, 5, 2, F32)
     y, grads = run(lambda *args: ops.lora_linear(*args, SCALING), inputs, NAMES, grad_out)
     assert y.shape == (0, 3, 5)
@@ -855,6 +863,22 @@ def test_gpu_backward_uses_the_forward_mask(use_backend, name, dtype):
     mask = backend_module(name).dropout_keep_mask(seed, inputs["x"].shape, p)
     assert abs((1 - mask.double().mean().item()) - p) < 0.02
     check_against_reference(inputs, grad_out, dtype, dropout_p=p, seed=seed, keep_mask=mask)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_cpp_draws_the_cpu_mask(use_backend):
+    """The extension hashes the same dropout mask from a seed on either device, in its helper
+    and in the op."""
+    use_backend("cpp", "cuda")
+    cpp = backend_module("cpp")
+    for shape, p, seed in (((97, 33), 0.1, 2**40 + 7), ((3, 50, 70), 0.5, -5)):
+        seed = torch.tensor(seed, dtype=torch.int64)
+        on_gpu = cpp.dropout_keep_mask(seed.cuda(), shape, p)
+        assert torch.equal(on_gpu.cpu(), cpp.dropout_keep_mask(seed, shape, p))
+    seed = torch.tensor(99, dtype=torch.int64)
+    on_gpu = op_keep_mask(0.3, 40, 24, seed.cuda())
+    assert torch.equal(on_gpu.cpu(), op_keep_mask(0.3, 40, 24, seed))
 
 
 @pytest.mark.gpu

@@ -2,14 +2,17 @@
 
 `auto` (the default) picks, per call, the fastest backend available for the tensor's device;
 `FASTDELTA_BACKEND` or `set_backend()` force one. A forced backend that cannot run raises; an
-automatic choice never does.
+automatic choice never does (it logs, once, why it passed over the cpp backend).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 ENVIRONMENT_VARIABLE = "FASTDELTA_BACKEND"
@@ -77,15 +80,38 @@ def _triton_reason(device: torch.device | None) -> str | None:
     return None
 
 
+def _cpp_reason(device: torch.device | None) -> str | None:
+    # The first ask builds (once, into a cache directory) or loads the extension.
+    from fastdelta.ops import _extension
+
+    reason = _extension.unavailable_reason()
+    if reason or device is None or device.type == "cpu":
+        return reason
+    if device.type != "cuda":
+        return f"the C++ extension has no kernels for {device.type} tensors"
+    return _extension.cuda_kernels_reason()
+
+
 def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
-    """Why backend `name` cannot run (on `device`, when given) in this process; None if it can."""
+    """Why backend `name` cannot run (on `device`, when given) in this process; None if it can.
+    Asking about "cpp" the first time builds or loads the C++ extension."""
     _check_name(name, "unavailable_reason")
     device = None if device is None else torch.device(device)
     if name in ("torch", "auto"):
         return None
     if name == "triton":
         return _triton_reason(device)
-    return "the C++ extension (csrc/) is not built into this fastdelta"
+    return _cpp_reason(device)
+
+
+_logged_fallbacks: set[str] = set()
+
+
+def _log_fallback(device: torch.device, reason: str) -> None:
+    """Say once per process and reason why the automatic choice passed over the cpp backend."""
+    if reason not in _logged_fallbacks:
+        _logged_fallbacks.add(reason)
+        logger.info("fastdelta: not using the cpp backend on %s tensors: %s", device.type, reason)
 
 
 def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
@@ -106,8 +132,10 @@ def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None
     if device.type == "cuda":
         if dtype in (None, *TRITON_DTYPES) and unavailable_reason("triton", device) is None:
             return "triton"
-        if unavailable_reason("cpp", device) is None:
+        reason = unavailable_reason("cpp", device)
+        if reason is None:
             return "cpp"
+        _log_fallback(device, reason)
     return "torch"
 
 
@@ -117,6 +145,11 @@ def backend_module(name: str):
         from fastdelta import kernels
 
         return kernels
+    if name == "cpp":
+        from fastdelta.ops import _extension, cpp_backend
+
+        _extension.require()
+        return cpp_backend
     from fastdelta.ops import torch_backend
 
     return torch_backend

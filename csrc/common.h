@@ -1,0 +1,85 @@
+// What the CPU and CUDA implementations of the fastdelta_C ops share: shapes, dtypes and the
+// base layer's gradients (plain ATen matmuls on either device).
+#pragma once
+
+#include <array>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "activations.h"
+
+namespace fastdelta {
+
+// The activation named by fastdelta.ops.activations.canonical_activation.
+inline Activation parse_activation(const std::string& name) {
+  if (name == "relu") return Activation::Relu;
+  if (name == "gelu") return Activation::Gelu;
+  if (name == "gelu_new") return Activation::GeluTanh;
+  TORCH_CHECK(name == "silu", "fastdelta_C: unknown activation '", name,
+              "'; expected relu, gelu, gelu_new or silu");
+  return Activation::Silu;
+}
+
+// Which gradients a backward computes: (input, weight, bias, the two delta weights).
+using Needs = std::array<bool, 5>;
+
+// The dtype the low-rank products and saved intermediates use: float32, or float64 for float64.
+inline at::ScalarType accumulate_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// `shape` with its last dimension replaced by `last`.
+inline std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
+  std::vector<int64_t> result(shape.begin(), shape.end());
+  result.back() = last;
+  return result;
+}
+
+// The base weight as nn.Linear holds it, [N, K]: a transposed view of a Conv1D [K, N] weight.
+inline at::Tensor base_weight(const at::Tensor& weight, bool fan_in_fan_out) {
+  return fan_in_fan_out ? weight.t() : weight;
+}
+
+// Column sums of a 2-D tensor, accumulated in at least float32, in its dtype.
+inline at::Tensor sum_rows(const at::Tensor& t) {
+  return at::sum(t, {0}, false, accumulate_type(t.scalar_type())).to(t.scalar_type());
+}
+
+// The gradients of the base weight and bias (undefined when not needed), from 2-D dY and x.
+inline std::tuple<at::Tensor, at::Tensor> base_grads(
+    const at::Tensor& grad2d, const at::Tensor& x2d, bool fan_in_fan_out, bool need_weight,
+    bool need_bias) {
+  at::Tensor grad_weight, grad_bias;
+  if (need_weight) {
+    grad_weight = fan_in_fan_out ? at::mm(x2d.t(), grad2d) : at::mm(grad2d.t(), x2d);
+  }
+  if (need_bias) {
+    grad_bias = sum_rows(grad2d);
+  }
+  return {grad_weight, grad_bias};
+}
+
+// Checks what the kernels assume of the LoRA arguments; fastdelta.ops checks them for users
+// first, so these only guard direct calls of torch.ops.fastdelta_C.
+inline void check_lora_arguments(
+    const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && lora_A.dim() == 2 && lora_B.dim() == 2,
+              op, ": x must have a feature dimension and weight, lora_A, lora_B must be 2-D");
+  TORCH_CHECK(lora_A.size(1) == x.size(-1) && lora_B.size(1) == lora_A.size(0), op,
+              ": lora_A must be [r, K] and lora_B [N, r] for x [..., K]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() &&
+                  lora_A.scalar_type() == x.scalar_type() &&
+                  lora_B.scalar_type() == x.scalar_type(),
+              op, ": x, weight, lora_A and lora_B must have one dtype");
+  TORCH_CHECK(!seed.has_value() ||
+                  (seed->scalar_type() == at::kLong && seed->numel() == 1 &&
+                   seed->device() == x.device()),
+              op, ": seed must be an int64 scalar tensor on x's device");
+}
+
+}  // namespace fastdelta

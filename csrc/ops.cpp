@@ -1,0 +1,31 @@
+// The fastdelta_C operator library: the schemas of the cpp backend's ops. The CPU kernels are
+// registered in cpu/, the CUDA kernels in cuda/ (built only where CUDA is). The Python ops
+// fastdelta::lora_linear and fastdelta::adapter_bottleneck call these when the cpp backend is
+// chosen; nothing is registered against their schemas.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastdelta_C, m) {
+  // (y, xa): y = x W^T + b + scaling * xa B^T, xa = dropout(x) A^T in float32 (float64 for
+  // float64 x). Dropout is on when seed (an int64 scalar on x's device) is given.
+  m.def(
+      "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor? seed, float scaling, float dropout_p, bool fan_in_fan_out) -> (Tensor, Tensor)");
+  // Gradients of (x, weight, bias, lora_A, lora_B); undefined (None) where needs is false.
+  m.def(
+      "lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor xa, Tensor? seed, float scaling, float dropout_p, bool fan_in_fan_out, "
+      "bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The keep-mask (bool, `shape`) that the lora ops draw from seed for an input of `shape`.
+  m.def("dropout_keep_mask(Tensor seed, int[] shape, float p) -> Tensor");
+  // (out, pre): out = residual + scaling * (act(pre) U^T + b_u), pre = h D^T + b_d in float32
+  // (float64 for float64 h); residual None means h.
+  m.def(
+      "adapter_forward(Tensor h, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
+      "Tensor? up_bias, Tensor? residual, float scaling, str activation) -> (Tensor, Tensor)");
+  // Gradients of (h, down_weight, down_bias, up_weight, up_bias); a sequential adapter's dh
+  // includes the residual path.
+  m.def(
+      "adapter_backward(Tensor grad_out, Tensor h, Tensor down_weight, Tensor up_weight, "
+      "Tensor pre, float scaling, str activation, bool sequential, bool[5] needs) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,90 @@
+"""The cpp backend: the fused ops computed by the C++/CUDA extension (csrc/).
+
+Each function calls the extension's own op, `torch.ops.fastdelta_C.*`, whose CPU or CUDA kernel
+the dispatcher picks by the tensors' device; `fastdelta.ops._extension` builds and loads the
+extension, and `fastdelta.ops.backend` decides when this backend runs. The functions match
+`fastdelta.ops.torch_backend`'s signatures and semantics; the dropout mask is the extension's
+own (a counter-based hash of the seed and the element index, the same on CPU and CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, ...], p: float) -> torch.Tensor:
+    """The boolean keep-mask that the extension's dropout draws from `seed` for `shape`."""
+    return torch.ops.fastdelta_C.dropout_keep_mask(seed, list(shape), p)
+
+
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    seed: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    fan_in_fan_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa) for y = x W^T + b + scaling * xa B^T with xa = dropout(x) A^T; xa in float32
+    (float64 for float64 x)."""
+    return torch.ops.fastdelta_C.lora_forward(
+        x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
+    )
+
+
+def lora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    seed: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    fan_in_fan_out: bool,
+    needs: tuple[bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of (x, weight, bias, lora_A, lora_B); None for those not needed."""
+    arguments = (grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, fan_in_fan_out)
+    return tuple(torch.ops.fastdelta_C.lora_backward(*arguments, list(needs)))
+
+
+def adapter_forward(
+    h: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    scaling: float,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, pre): out = residual + scaling * (act(pre) U^T + b_u), pre = h D^T + b_d in
+    float32 (float64 for float64 h). residual None means h (a sequential adapter)."""
+    return torch.ops.fastdelta_C.adapter_forward(
+        h, down_weight, down_bias, up_weight, up_bias, residual, scaling, activation
+    )
+
+
+def adapter_backward(
+    grad_out: torch.Tensor,
+    h: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    pre: torch.Tensor,
+    scaling: float,
+    activation: str,
+    sequential: bool,
+    needs: tuple[bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of (h, down_weight, down_bias, up_weight, up_bias); None where not needed.
+    A sequential adapter's dh includes the residual path."""
+    return tuple(
+        torch.ops.fastdelta_C.adapter_backward(
+            grad_out, h, down_weight, up_weight, pre, scaling, activation, sequential, list(needs)
+        )
+    )
