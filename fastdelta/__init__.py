@@ -3,6 +3,9 @@
 from fastdelta import LoraModel
 delta_model = LoraModel(backbone_model=model, modified_modules=["query", "value"])
 delta_model.freeze_module()
+
+`DeltaTrainer` (a transformers.Trainer whose checkpoints hold the deltas only) is imported on
+first use, since importing transformers' Trainer takes seconds.
 """
 
 from fastdelta.delta_models import (
@@ -33,6 +36,7 @@ __all__ = [
     "BitFitConfig",
     "BitFitModel",
     "DeltaBase",
+    "DeltaTrainer",
     "LoraConfig",
     "LoraModel",
     "ParallelAdapterConfig",
@@ -43,3 +47,11 @@ __all__ = [
     "set_backend",
     "supported_architectures",
 ]
+
+
+def __getattr__(name: str):
+    if name == "DeltaTrainer":
+        from fastdelta.integrations import DeltaTrainer
+
+        return DeltaTrainer
+    raise AttributeError(f"module 'fastdelta' has no attribute {name!r}")

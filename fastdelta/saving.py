@@ -74,7 +74,10 @@ def checkpoint_name(model: nn.Module) -> str | None:
 
 
 def save_checkpoint(delta_model: DeltaBase, path: str | Path) -> Path:
-    """Write `delta_model`'s config and trainable tensors to the directory `path`."""
+    """Write `delta_model`'s config and trainable tensors to the directory `path`.
+
+    With parameters sharded by FSDP2 (`fully_shard`), every rank must call it: the tensors are
+    gathered across ranks and rank 0 writes them."""
     import transformers
 
     if getattr(delta_model, "merged", False):
@@ -88,12 +91,18 @@ def save_checkpoint(delta_model: DeltaBase, path: str | Path) -> Path:
         )
     tensors, frozen = checkpoint_tensors(delta_model.backbone_model)
     path = Path(path)
+    if any(_is_sharded(tensor) for tensor in tensors.values()):
+        # FSDP2 shards parameters across ranks: gathering them is a collective that every rank
+        # runs; the first rank writes.
+        tensors = {name: _whole(tensor) for name, tensor in tensors.items()}
+        if torch.distributed.get_rank() != 0:
+            return path
     path.mkdir(parents=True, exist_ok=True)
     backbone = delta_model.backbone_model
     config = {
         **delta_model.config.to_dict(),
         "format_version": FORMAT_VERSION,
-        "backbone_class": type(backbone).__name__,
+        "backbone_class": backbone_class_name(backbone),
         "backbone_checkpoint_name": checkpoint_name(backbone),
         "targets": [a.host_name for a in delta_model.attachments if a.attached],
         "frozen_tensors": frozen,
@@ -108,6 +117,19 @@ def save_checkpoint(delta_model: DeltaBase, path: str | Path) -> Path:
         metadata={"format": "pt", "fastdelta_version": __version__},
     )
     return path
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (gathered from every rank), or `tensor` itself."""
+    return tensor.full_tensor() if _is_sharded(tensor) else tensor
 
 
 def has_config(path: str | Path) -> bool:
@@ -148,13 +170,25 @@ def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return arguments, metadata
 
 
+def backbone_class_name(backbone: nn.Module) -> str:
+    """The name of the backbone's model class, not of the class that FSDP2's `fully_shard`
+    puts over it (FSDPBertModel over BertModel)."""
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(backbone, FSDPModule):
+            cls = next(c for c in type(backbone).__mro__ if not issubclass(c, FSDPModule))
+            return cls.__name__
+    return type(backbone).__name__
+
+
 def check_backbone(metadata: dict[str, Any], backbone: nn.Module, path: str | Path) -> None:
     expected = metadata.get("backbone_class")
-    if expected and expected != type(backbone).__name__:
+    if expected and expected != backbone_class_name(backbone):
         raise ValueError(
             f"The delta checkpoint {str(path)!r} was trained on a {expected} "
             f"({metadata.get('backbone_checkpoint_name') or 'unnamed'}), but the backbone_model "
-            f"given is a {type(backbone).__name__}: load it onto a {expected}"
+            f"given is a {backbone_class_name(backbone)}: load it onto a {expected}"
         )
 
 

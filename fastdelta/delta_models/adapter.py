@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fastdelta.delta_models.base import DeltaBase, config_arguments
@@ -28,6 +29,8 @@ class AdapterModel(DeltaBase):
         common_structure: bool = False,
         interactive_modify: bool = False,
         backend: str = "hf",
+        *,
+        delta_dtype: torch.dtype | str | None = None,
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 
@@ -65,6 +68,8 @@ class ParallelAdapterModel(DeltaBase):
         common_structure: bool = False,
         interactive_modify: bool = False,
         backend: str = "hf",
+        *,
+        delta_dtype: torch.dtype | str | None = None,
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 

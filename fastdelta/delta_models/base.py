@@ -44,6 +44,10 @@ class DeltaBase:
     Subclasses set `config_class` and `default_modified_modules` (common-structure names used
     when `modified_modules` is None) and implement `add_all_delta_to_backbone`.
     The delta model is not called itself: the backbone's forward runs the deltas.
+    Every delta model takes `delta_dtype` (keyword-only): the dtype of the delta parameters it
+    creates, such as torch.float32 deltas on a bfloat16 backbone (they compute in the
+    activations' dtype and keep their weights and gradients in theirs); None, the default,
+    follows the backbone. Existing biases that BitFit trains in place keep their layer's dtype.
     """
 
     config_class: type[BaseDeltaConfig] = BaseDeltaConfig
@@ -155,12 +159,19 @@ class DeltaBase:
         return module_sizes(self.backbone_model, names)
 
     def factory_kwargs(self, module: nn.Module) -> dict:
-        """device and dtype for a delta of `module`: those of its (else the backbone's) weights."""
-        for candidate in (module, self.backbone_model):
-            for parameter in candidate.parameters():
-                if parameter.is_floating_point():
-                    return {"device": parameter.device, "dtype": parameter.dtype}
-        return {}
+        """device and dtype for a delta of `module`: those of its (else the backbone's) weights;
+        the config's `delta_dtype` instead of their dtype when it is set."""
+        weights = (
+            parameter
+            for candidate in (module, self.backbone_model)
+            for parameter in candidate.parameters()
+            if parameter.is_floating_point()
+        )
+        weight = next(weights, None)
+        kwargs = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
+        if self.config.delta_dtype is not None:
+            kwargs["dtype"] = getattr(torch, self.config.delta_dtype)
+        return kwargs
 
     # The three operations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fastdelta.addressing import ModuleAddresses
@@ -41,6 +42,8 @@ class BitFitModel(DeltaBase):
         common_structure: bool = False,
         interactive_modify: bool = False,
         backend: str = "hf",
+        *,
+        delta_dtype: torch.dtype | str | None = None,
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from fastdelta.addressing import check_entries
 from fastdelta.ops.activations import canonical_activation
 
@@ -31,6 +33,9 @@ class BaseDeltaConfig:
     common_structure: bool = False
     interactive_modify: bool = False
     backend: str = "hf"
+    # fastdelta's own: the dtype of the delta parameters ("float32", ...); None follows the
+    # backbone's. Stored by name so that the config stays JSON.
+    delta_dtype: str | None = None
 
     def __post_init__(self):
         for argument in ("modified_modules", "exclude_modules", "unfrozen_modules"):
@@ -48,6 +53,8 @@ class BaseDeltaConfig:
                 "transformers models (backend='hf'); its compute backend is chosen with "
                 "fastdelta.set_backend() or $FASTDELTA_BACKEND"
             )
+        if self.delta_dtype is not None:
+            self.delta_dtype = _floating_dtype_name(self.delta_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         """Every argument, with the delta type, as plain JSON-able values."""
@@ -74,6 +81,17 @@ class BaseDeltaConfig:
     def delta_arguments(self) -> dict[str, Any]:
         """The arguments of this config as the delta model's constructor takes them."""
         return dataclasses.asdict(self)
+
+
+def _floating_dtype_name(dtype) -> str:
+    """The name ("float32") of a floating-point torch dtype given as a dtype or its name."""
+    candidate = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(candidate, torch.dtype) or not candidate.is_floating_point:
+        raise ValueError(
+            "delta_dtype must be a floating-point torch dtype such as torch.float32 or "
+            f"'bfloat16', got {dtype!r}"
+        )
+    return str(candidate).removeprefix("torch.")
 
 
 def _require_positive_int(value, name: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fastdelta.delta_models.base import DeltaBase, config_arguments
@@ -40,6 +41,7 @@ class LoraModel(DeltaBase):
         use_rslora: bool = False,
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
+        delta_dtype: torch.dtype | str | None = None,
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 

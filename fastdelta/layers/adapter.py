@@ -45,6 +45,20 @@ class AdapterDelta(DeltaLayer):
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """h: [..., in_features]; residual: [..., out_features], h when None."""
+        added_to = h if residual is None else residual
+        if _wider_than_autocast(added_to):
+            # Under autocast the op computes and returns the autocast dtype, which would round
+            # a float32 residual stream (a post-LayerNorm output) to bfloat16. As a plain
+            # `residual + adapter(h)` would, add the bottleneck in the residual's dtype.
+            zeros = torch.zeros(
+                added_to.shape[:-1] + self.up_weight.shape[:1],
+                dtype=torch.get_autocast_dtype(h.device.type),
+                device=h.device,
+            )
+            return added_to + self._bottleneck(h, zeros)
+        return self._bottleneck(h, residual)
+
+    def _bottleneck(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         return ops.adapter_bottleneck(
             h,
             self.down_weight,
@@ -66,3 +80,12 @@ class AdapterDelta(DeltaLayer):
             f"out_features={self.up_weight.shape[0]}, activation={self.activation}, "
             f"scaling={self.scaling:g}"
         )
+
+
+def _wider_than_autocast(tensor: torch.Tensor) -> bool:
+    """Whether autocast is on for `tensor`'s device and `tensor` is wider than its dtype."""
+    device = tensor.device.type
+    if not torch.is_autocast_enabled(device):
+        return False
+    dtype = torch.get_autocast_dtype(device)
+    return tensor.is_floating_point() and torch.promote_types(tensor.dtype, dtype) != dtype

@@ -18,7 +18,9 @@ class BiasDelta(DeltaLayer):
         self.bias = nn.Parameter(torch.zeros(features, device=device, dtype=dtype))
 
     def forward(self, output: torch.Tensor) -> torch.Tensor:
-        return output + self.bias
+        # In the output's dtype, as a layer's own bias: a float32 bias on a bfloat16 model
+        # (delta_dtype) must not turn the activations float32.
+        return output + self.bias.to(output.dtype)
 
     def extra_repr(self) -> str:
         return f"features={self.bias.shape[0]}"

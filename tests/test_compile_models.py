@@ -1,0 +1,142 @@
+"""torch.compile on models with deltas: LoRA and adapters together compile and give the outputs
+and gradients of eager mode; each delta layer compiles as one graph (`fullgraph=True`); and a
+compiled model does not recompile from one batch to the next, dropout included.
+
+(test_injection.py compiles a model with one delta type and a LoRA linear; these add the
+combinations, every delta layer kind and recompilation.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tiny_models import first_output, tiny_inputs, tiny_model
+from torch import nn
+
+from fastdelta import AdapterModel, BitFitModel, LoraModel, ParallelAdapterModel
+from fastdelta.layers.base import delta_parameter_names
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+IN_FEATURES, OUT_FEATURES = 20, 12
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def nudge_deltas(model: nn.Module) -> None:
+    """Give every delta parameter a random nudge, as training would (LoRA's B starts at 0)."""
+    generator = torch.Generator().manual_seed(0)
+    names = delta_parameter_names(model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in names:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+
+
+def every_delta_type(model: nn.Module) -> None:
+    """LoRA on the attention's query and value, sequential adapters after the attention output
+    and the feed-forward, a parallel adapter on the feed-forward's first layer, and BitFit."""
+    LoraModel(model, modified_modules=["query", "value"])
+    AdapterModel(model)
+    ParallelAdapterModel(model, modified_modules=["intermediate.dense"])
+    BitFitModel(model, modified_modules=["output.LayerNorm"]).freeze_module()
+    nudge_deltas(model)
+
+
+def output_and_gradients(model: nn.Module, runner, inputs: dict):
+    model.zero_grad()
+    output = first_output(runner(**inputs))
+    output.square().mean().backward()
+    gradients = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return output.detach(), gradients
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_model_with_every_delta_type_compiles_to_eager_results(backend):
+    model = tiny_model("bert", num_hidden_layers=1, **NO_DROPOUT).train()
+    every_delta_type(model)
+    inputs = tiny_inputs("bert")
+    expected_output, expected_gradients = output_and_gradients(model, model, inputs)
+
+    compiled = torch.compile(model, backend=backend)
+    output, gradients = output_and_gradients(model, compiled, inputs)
+
+    torch.testing.assert_close(output, expected_output)
+    assert gradients.keys() == expected_gradients.keys()
+    assert {name for name in gradients if ".lora." in name}  # the deltas are all there
+    assert {name for name in gradients if ".adapter." in name}
+    assert {name for name in gradients if ".parallel_adapter." in name}
+    for name, gradient in expected_gradients.items():
+        torch.testing.assert_close(gradients[name], gradient, msg=name)
+
+
+# kind: (the host module, the delta model that puts that kind of delta on it).
+DELTA_LAYERS = {
+    "lora-conv1d": (
+        lambda: transformers.pytorch_utils.Conv1D(OUT_FEATURES, IN_FEATURES),
+        lambda backbone: LoraModel(backbone, modified_modules=["host"], lora_r=4),
+    ),
+    "adapter": (
+        lambda: nn.Linear(IN_FEATURES, IN_FEATURES),
+        lambda backbone: AdapterModel(backbone, modified_modules=["host"]),
+    ),
+    "parallel_adapter": (
+        lambda: nn.Linear(IN_FEATURES, OUT_FEATURES),
+        lambda backbone: ParallelAdapterModel(backbone, modified_modules=["host"]),
+    ),
+    "bitfit-new-bias": (
+        lambda: nn.Linear(IN_FEATURES, OUT_FEATURES, bias=False),
+        lambda backbone: BitFitModel(backbone, modified_modules=["host"]),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "kind, backend",
+    [(kind, "aot_eager") for kind in DELTA_LAYERS]
+    + [("adapter", "inductor"), ("parallel_adapter", "inductor")],
+)
+def test_delta_layer_compiles_as_one_graph(kind, backend):
+    torch.manual_seed(0)
+    make_host, make_delta_model = DELTA_LAYERS[kind]
+    host = make_host()
+    backbone = nn.ModuleDict({"host": host})
+    make_delta_model(backbone).freeze_module()
+    nudge_deltas(backbone)
+    x = torch.randn(3, 5, IN_FEATURES)
+    expected = host(x)
+    expected.square().sum().backward()
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+    expected_gradients = [p.grad.clone() for p in trainable]
+    backbone.zero_grad()
+
+    output = torch.compile(host, backend=backend, fullgraph=True)(x)
+    output.square().sum().backward()
+
+    torch.testing.assert_close(output, expected)
+    torch.testing.assert_close([p.grad for p in trainable], expected_gradients)
+
+
+def test_compiled_model_does_not_recompile_between_batches():
+    """New token ids, LoRA dropout's new seed and a training step change no guard."""
+    model = tiny_model("bert", num_hidden_layers=1).train()
+    LoraModel(model, lora_dropout=0.1)
+    delta_model = AdapterModel(model)
+    delta_model.freeze_module()
+    compiled = torch.compile(model, backend="aot_eager")
+    optimizer = torch.optim.SGD(delta_model.trainable_parameters(), lr=0.1)
+
+    def step(seed: int) -> None:
+        first_output(compiled(**tiny_inputs("bert", seed=seed))).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step(seed=1)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        step(seed=2)
+        step(seed=3)

@@ -1,0 +1,89 @@
+"""The examples: the review data set is what its script writes, and the main job (finetune.py)
+runs end to end (train, save, reload onto a fresh backbone, same predictions) on a tiny BERT
+with a tokenizer made from the data's words, so CI needs neither the pretrained backbone's
+package nor minutes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+from tiny_models import tiny_model
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+DATA = EXAMPLES / "data"
+LABELS = ("negative", "neutral", "positive")
+
+
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_split(directory: Path, split: str) -> list[dict]:
+    lines = (directory / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_the_data_set_is_what_its_script_writes(tmp_path, monkeypatch):
+    make_reviews = load_script(DATA / "make_reviews.py")
+    monkeypatch.setattr(sys, "argv", ["make_reviews.py", "--out", str(tmp_path)])
+    make_reviews.main()
+    for split in ("train", "test"):
+        written = (tmp_path / f"{split}.jsonl").read_bytes()
+        assert written == (DATA / "reviews" / f"{split}.jsonl").read_bytes(), split
+
+
+def test_the_splits_are_balanced_and_disjoint():
+    train, test = read_split(DATA / "reviews", "train"), read_split(DATA / "reviews", "test")
+    assert (len(train), len(test)) == (3000, 600)
+    for split in (train, test):
+        counts = {label: sum(e["label"] == label for e in split) for label in LABELS}
+        assert counts == dict.fromkeys(LABELS, len(split) // 3)
+    assert not {e["text"] for e in train} & {e["text"] for e in test}
+
+
+@pytest.fixture
+def tiny_backbone(tmp_path) -> Path:
+    """A directory with a tiny BERT and a WordPiece tokenizer over the data's words."""
+    texts = [e["text"] for split in ("train", "test") for e in read_split(DATA / "reviews", split)]
+    words = sorted(
+        {word for text in texts for word in re.findall(r"[a-z]+|[^a-z\s]", text.lower())}
+    )
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    model = tiny_model("bert", vocab_size=len(vocabulary))
+    backbone = tmp_path / "backbone"
+    model.save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    return backbone
+
+
+@pytest.mark.parametrize("delta", ["lora", "adapter", "bitfit"])
+def test_the_main_job_runs_end_to_end(tiny_backbone, tmp_path, monkeypatch, capsys, delta):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what the script sets, undone afterwards
+    verbosity = transformers.logging.get_verbosity()
+    finetune = load_script(EXAMPLES / "finetune.py")
+    output_dir = tmp_path / "checkpoint"
+    arguments = ["--backbone", str(tiny_backbone), "--delta", delta, "--max-steps", "4"]
+    arguments += ["--batch-size", "16", "--output-dir", str(output_dir), "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", ["finetune.py", *arguments])
+    try:
+        finetune.main()  # raises SystemExit if the reloaded model does not score the same
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+
+    printed = capsys.readouterr().out
+    assert "reloaded from checkpoint" in printed
+    assert "4 of batch 16" in printed
+    assert (output_dir / "delta.safetensors").is_file()
+    assert json.loads((output_dir / "config.json").read_text())["delta_type"] == delta
