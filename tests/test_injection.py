@@ -730,3 +730,13 @@ def test_linear_host_with_lora_compiles_as_one_graph(backend, input_shape):
 
     torch.testing.assert_close(output, expected)
     torch.testing.assert_close([delta.lora_A.grad, delta.lora_B.grad], expected_gradients)
+
+
+def test_a_trial_forward_runs_on_a_meta_device_backbone():
+    # A parallel adapter on attention needs a trial forward to find the sizes; on the meta
+    # device (how `fastdelta inspect` builds a model without memory) it must still work.
+    with torch.device("meta"):
+        model = tiny_model("llama")
+    delta_model = ParallelAdapterModel(backbone_model=model, modified_modules=["attn@"])
+    assert delta_model.num_trainable_parameters() > 0
+    assert all(p.is_meta for p in delta_model.trainable_parameters())

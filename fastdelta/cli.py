@@ -1,0 +1,236 @@
+"""The `fastdelta` command (also `python -m fastdelta`).
+
+    fastdelta inspect MODEL_DIR_OR_CONFIG [--delta lora --modified-modules q_proj v_proj]
+    fastdelta bench [--quick] [--device cuda] [-- PYTEST_ARGS ...]
+
+`inspect` prints a model's structure graph from its config alone: the model is built on the
+meta device, so no weights are read or downloaded and a 70B config takes no memory. `bench`
+runs the benchmark suite of a fastdelta repository (its `benchmarks/` folder, which an
+installed wheel does not hold) and writes the report to `benchmarks/results/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+import fastdelta
+from fastdelta.delta_models.auto import DELTA_MODELS
+
+GRIDS = ("smoke", "quick", "full")
+STATISTICS = ("min", "median", "mean")
+
+
+class CommandError(Exception):
+    """A user error: printed as `fastdelta <command>: error: <message>`, exit status 2."""
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark run, shared by `fastdelta bench` and `benchmarks.run`."""
+    parser.add_argument(
+        "--grid",
+        choices=GRIDS,
+        default="full",
+        help="shapes to run: full (the default, made for a GPU; hours on a CPU), quick (a few "
+        "minutes on a CPU) or smoke (minuscule shapes that prove the suite runs)",
+    )
+    parser.add_argument(
+        "--quick", action="store_const", dest="grid", const="quick", help="same as --grid quick"
+    )
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--dtypes",
+        help="comma-separated dtypes of the op benchmarks (default: bfloat16,float32 on CUDA, "
+        "float32 on the CPU)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        help="where the report goes (default: the repository's benchmarks/results)",
+    )
+    parser.add_argument(
+        "--statistic",
+        choices=STATISTICS,
+        default="min",
+        help="which statistic of each benchmark's rounds the report compares (default: min, "
+        "the one least disturbed by other work on the machine)",
+    )
+    parser.add_argument(
+        "pytest_args",
+        nargs="*",
+        metavar="-- PYTEST_ARGS",
+        help="after `--`: more pytest arguments, e.g. -- -k lora --benchmark-max-time=2",
+    )
+
+
+def repository_root(repository: Path | None) -> Path:
+    """The fastdelta checkout whose benchmarks/ to run: `repository`, or the folder that holds
+    the imported fastdelta package."""
+    root = repository or Path(fastdelta.__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "run.py").is_file():
+        where = f"in {root}" if repository else f"next to the installed package (in {root})"
+        raise CommandError(
+            f"found no benchmarks/ folder of a fastdelta repository {where}. The benchmark "
+            "suite is not part of an installed wheel: clone the fastdelta repository and run "
+            "`fastdelta bench --repository PATH_TO_CLONE` (or `pip install -e .` there)."
+        )
+    return root
+
+
+def run_bench(arguments: argparse.Namespace) -> int:
+    """Run `python -m benchmarks.run` in the repository with the same options."""
+    root = repository_root(arguments.repository)
+    command = [sys.executable, "-m", "benchmarks.run", f"--grid={arguments.grid}"]
+    command += [f"--statistic={arguments.statistic}"]
+    if arguments.device:
+        command.append(f"--device={arguments.device}")
+    if arguments.dtypes:
+        command.append(f"--dtypes={arguments.dtypes}")
+    if arguments.output_dir:
+        command.append(f"--output-dir={arguments.output_dir.resolve()}")
+    if arguments.pytest_args:
+        command += ["--", *arguments.pytest_args]
+    return subprocess.run(command, cwd=root, check=False).returncode
+
+
+def load_config(location: str):
+    """The transformers config at `location`: a local directory holding config.json, or the
+    path of a config file. Nothing is downloaded."""
+    import transformers
+
+    path = Path(location)
+    if not path.exists():
+        raise CommandError(
+            f"{location!r} is not a local directory or file. fastdelta inspect reads local "
+            "files only and downloads nothing: for a model on the Hugging Face Hub, fetch its "
+            f"config first (`huggingface-cli download {location} config.json --local-dir DIR`) "
+            "and pass DIR."
+        )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CommandError(
+                f"{path} holds no config.json; pass the folder a transformers model was saved "
+                "to (save_pretrained), or the path of its config file"
+            )
+        path = path / "config.json"
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CommandError(f"{path} is not a JSON config file: {error}") from error
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise CommandError(
+            f"{path} has no 'model_type', so transformers cannot tell which model it "
+            "configures; pass a config.json written by save_pretrained"
+        )
+    model_type = values.pop("model_type")
+    try:
+        return transformers.AutoConfig.for_model(model_type, **values)
+    except ValueError as error:
+        raise CommandError(f"transformers cannot read {path}: {error}") from error
+
+
+def build_model(config, device: str):
+    """The model `config` describes, with uninitialised weights on `device`: the class its
+    `architectures` names when transformers has it (heads included), else AutoModel's."""
+    names = getattr(config, "architectures", None) or []
+    model_class = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+    with torch.device(device):
+        if model_class is None:
+            return transformers.AutoModel.from_config(config)
+        return model_class(config)
+
+
+def run_inspect(arguments: argparse.Namespace) -> int:
+    """Print the structure graph of the configured model, with a delta attached if asked."""
+    if arguments.modified_modules and not arguments.delta:
+        raise CommandError("--modified-modules names the targets of a delta: add --delta TYPE")
+    config = load_config(arguments.model)
+    model = build_model(config, arguments.device)
+    if arguments.delta:
+        delta_config = {"delta_type": arguments.delta}
+        if arguments.modified_modules:
+            delta_config["modified_modules"] = arguments.modified_modules
+        try:
+            delta_model = fastdelta.AutoDeltaModel.from_config(
+                fastdelta.AutoDeltaConfig.from_dict(delta_config), backbone_model=model
+            )
+        except (ValueError, RuntimeError, NotImplementedError) as error:
+            hint = ""
+            if arguments.device == "meta":
+                hint = " (the model is on the meta device: --device cpu builds real weights)"
+            raise CommandError(
+                f"cannot attach the {arguments.delta} delta: {error}{hint}"
+            ) from error
+        delta_model.freeze_module()
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{type(model).__name__} from {arguments.model}: {parameters:,} parameters")
+    fastdelta.Visualization(model).structure_graph(
+        common_structure=arguments.common_structure,
+        expand_params=arguments.expand_params,
+        keep_non_params=arguments.keep_non_params,
+    )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of the `fastdelta` command."""
+    main_parser = argparse.ArgumentParser(
+        prog="fastdelta", description="fastdelta's command line: inspect models, benchmark."
+    )
+    commands = main_parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect = commands.add_parser(
+        "inspect",
+        help="print a model's structure graph from its config (no weights)",
+        description="Print the structure graph of a transformers model built from its config "
+        "on the meta device: no weights are read, nothing is downloaded.",
+    )
+    inspect.add_argument("model", help="a local model directory holding config.json, or the file")
+    inspect.add_argument(
+        "--delta", choices=sorted(DELTA_MODELS), help="attach this delta type first"
+    )
+    inspect.add_argument(
+        "--modified-modules",
+        nargs="+",
+        metavar="NAME",
+        help="the delta's targets (default: its own)",
+    )
+    inspect.add_argument("--common-structure", action="store_true", help="show attn@, ff@ names")
+    inspect.add_argument("--expand-params", action="store_true", help="a line per parameter")
+    inspect.add_argument(
+        "--keep-non-params", action="store_true", help="show parameterless modules"
+    )
+    inspect.add_argument(
+        "--device",
+        default="meta",
+        help="build the model here instead of the meta device (needs the model's memory)",
+    )
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmark suite of a fastdelta repository",
+        description="Run the benchmark suite in a fastdelta repository's benchmarks/ folder and "
+        "write <device>.json, .md and .png to benchmarks/results/.",
+    )
+    add_bench_arguments(bench)
+    bench.add_argument(
+        "--repository",
+        type=Path,
+        help="the fastdelta checkout to run (default: the one the package is imported from)",
+    )
+    return main_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fastdelta` console command; returns the exit status."""
+    arguments = parser().parse_args(argv)
+    run = run_inspect if arguments.command == "inspect" else run_bench
+    try:
+        return run(arguments)
+    except CommandError as error:
+        print(f"fastdelta {arguments.command}: error: {error}", file=sys.stderr)
+        return 2
