@@ -1,6 +1,8 @@
 """Functional delta ops, dispatched to the chosen backend.
 
 Every delta layer computes through these functions; nothing else in the library does the math.
+Each runs its `fastdelta::` custom op under torch.compile and on tensor subclasses, and the
+same backend functions through a plain autograd.Function in eager mode (`ops.eager`).
 """
 
 from __future__ import annotations
@@ -8,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from fastdelta.ops.activations import canonical_activation
-from fastdelta.ops.adapter import adapter_bottleneck_op
+from fastdelta.ops.adapter import adapter_bottleneck_eager, adapter_bottleneck_op
 from fastdelta.ops.backend import get_backend, resolve_backend, set_backend
-from fastdelta.ops.lora import lora_linear_op
+from fastdelta.ops.eager import eager_path
+from fastdelta.ops.lora import lora_linear_eager, lora_linear_op
 
 
 def _check_lora_arguments(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out):
@@ -80,10 +83,10 @@ def lora_linear(
         seed = torch.randint(2**62, (), dtype=torch.int64, device=x.device)
     elif dropout_p == 0:
         seed = None
-    y, _ = lora_linear_op(
-        x, weight, bias, lora_A, lora_B, seed, float(scaling), float(dropout_p), fan_in_fan_out
-    )
-    return y
+    arguments = (x, weight, bias, lora_A, lora_B, seed, float(scaling), float(dropout_p))
+    if eager_path(x, weight, bias, lora_A, lora_B, seed):
+        return lora_linear_eager(*arguments, fan_in_fan_out)
+    return lora_linear_op(*arguments, fan_in_fan_out)[0]
 
 
 def _check_adapter_arguments(h, down_weight, down_bias, up_weight, up_bias, residual):
@@ -156,10 +159,10 @@ def adapter_bottleneck(
     down_weight, down_bias, up_weight, up_bias = (
         None if t is None else t.to(h.dtype) for t in (down_weight, down_bias, up_weight, up_bias)
     )
-    out, _ = adapter_bottleneck_op(
-        h, down_weight, down_bias, up_weight, up_bias, residual, float(scaling), activation
-    )
-    return out
+    tensors = (h, down_weight, down_bias, up_weight, up_bias, residual)
+    if eager_path(*tensors):
+        return adapter_bottleneck_eager(*tensors, float(scaling), activation)
+    return adapter_bottleneck_op(*tensors, float(scaling), activation)[0]
 
 
 __all__ = ["adapter_bottleneck", "get_backend", "lora_linear", "resolve_backend", "set_backend"]

@@ -4,12 +4,16 @@ out = residual + scaling * (act(h D^T + b_d) U^T + b_u), where residual None sta
 sequential adapter; then dh includes the residual path in the same kernel). The forward also
 returns the pre-activation h D^T + b_d ([..., m], float32, or float64 for float64 h); with h
 it is all the op saves for backward, which recomputes the activation from it.
+
+Outside torch.compile, `adapter_bottleneck_eager` runs the same backend functions with the
+same saved tensors through a plain autograd.Function; see `fastdelta.ops.eager`.
 """
 
 import torch
 from torch import Tensor
 
 from fastdelta.ops.backend import backend_module, resolve_backend
+from fastdelta.ops.eager import profiled
 
 
 def pre_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,3 +101,43 @@ def _backward(ctx, grad_out, _grad_pre):
 
 
 adapter_bottleneck_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _AdapterBottleneckFunction(torch.autograd.Function):
+    """The op's forward and backward as an autograd.Function, for eager mode."""
+
+    @staticmethod
+    def forward(ctx, h, down_weight, down_bias, up_weight, up_bias, residual, scaling, activation):
+        backend = backend_module(resolve_backend(h.device, h.dtype))
+        out, pre = backend.adapter_forward(
+            h, down_weight, down_bias, up_weight, up_bias, residual, scaling, activation
+        )
+        ctx.save_for_backward(h, down_weight, up_weight, pre)
+        ctx.arguments = (scaling, activation, residual is None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, down_weight, up_weight, pre = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5]
+        backend = backend_module(resolve_backend(h.device, h.dtype))
+        with profiled("fastdelta::adapter_bottleneck_backward"):
+            grads = backend.adapter_backward(
+                grad_out, h, down_weight, up_weight, pre, *ctx.arguments, needs
+            )
+        grad_residual = grad_out if ctx.needs_input_grad[5] else None
+        return *grads, grad_residual, None, None
+
+
+def adapter_bottleneck_eager(
+    h, down_weight, down_bias, up_weight, up_bias, residual, scaling, activation
+) -> Tensor:
+    """out of `adapter_bottleneck_op`, computed by the same backend without the custom op's
+    dispatch; with no gradient needed it saves nothing."""
+    tensors = (h, down_weight, down_bias, up_weight, up_bias, residual)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    with profiled("fastdelta::adapter_bottleneck"):
+        if needs_grad:
+            return _AdapterBottleneckFunction.apply(*tensors, scaling, activation)
+        backend = backend_module(resolve_backend(h.device, h.dtype))
+        return backend.adapter_forward(*tensors, scaling, activation)[0]

@@ -5,12 +5,17 @@ when the op runs, by `fastdelta.ops.backend`. The forward also returns xa = drop
 ([..., r], float32, or float64 for float64 x), which the backward needs; with x and the
 dropout seed it is all the op saves, so nothing of size [M, N] and no second copy of x is kept
 for backward (the parameters W, A and B are saved by reference).
+
+Outside torch.compile, `lora_linear_eager` runs the same backend functions with the same
+saved tensors through a plain autograd.Function: the custom op's dispatch costs tens of
+microseconds a call, which small (decode-sized) inputs would feel; see `fastdelta.ops.eager`.
 """
 
 import torch
 from torch import Tensor
 
 from fastdelta.ops.backend import backend_module, resolve_backend
+from fastdelta.ops.eager import profiled
 
 
 def xa_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,3 +119,47 @@ def _backward(ctx, grad_y, _grad_xa):
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """The op's forward and backward as an autograd.Function, for eager mode."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out):
+        backend = backend_module(resolve_backend(x.device, x.dtype))
+        y, xa = backend.lora_forward(
+            x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
+        )
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+        ctx.arguments = (scaling, dropout_p, fan_in_fan_out)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5]
+        backend = backend_module(resolve_backend(x.device, x.dtype))
+        with profiled("fastdelta::lora_linear_backward"):
+            grads = backend.lora_backward(
+                grad_y, x, weight, lora_A, lora_B, xa, seed, *ctx.arguments, needs
+            )
+        return *grads, None, None, None, None
+
+
+def lora_linear_eager(
+    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
+) -> Tensor:
+    """y of `lora_linear_op`, computed by the same backend without the custom op's dispatch;
+    with no gradient needed it saves nothing."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
+    )
+    with profiled("fastdelta::lora_linear"):
+        if needs_grad:
+            return _LoraLinearFunction.apply(
+                x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
+            )
+        backend = backend_module(resolve_backend(x.device, x.dtype))
+        return backend.lora_forward(
+            x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
+        )[0]

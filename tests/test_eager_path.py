@@ -1,0 +1,112 @@
+"""The ops' eager path: outside torch.compile, on plain tensors, `fastdelta.ops` runs the
+backend functions through an autograd.Function instead of the custom op's dispatch. It must
+compute exactly what the custom op computes, and leave the op to compile and subclasses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdelta.ops as ops
+from fastdelta.ops import eager
+
+
+def lora_inputs(requires_grad=True):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 24, generator=generator)
+    weight = torch.randn(20, 24, generator=generator)
+    bias = torch.randn(20, generator=generator)
+    lora_A = torch.randn(4, 24, generator=generator)
+    lora_B = torch.randn(20, 4, generator=generator)
+    tensors = [x, weight, bias, lora_A, lora_B]
+    for tensor in (x, lora_A, lora_B) if requires_grad else ():
+        tensor.requires_grad_()
+    return tensors
+
+
+def adapter_inputs():
+    generator = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 5, 24, generator=generator, requires_grad=True)
+    down_weight = torch.randn(6, 24, generator=generator, requires_grad=True)
+    down_bias = torch.randn(6, generator=generator, requires_grad=True)
+    up_weight = torch.randn(24, 6, generator=generator, requires_grad=True)
+    up_bias = torch.randn(24, generator=generator, requires_grad=True)
+    return [h, down_weight, down_bias, up_weight, up_bias]
+
+
+def lora_call(tensors):
+    return ops.lora_linear(*tensors, 1.5, dropout_p=0.25, seed=torch.tensor(7))
+
+
+def adapter_call(tensors):
+    return ops.adapter_bottleneck(*tensors, 0.5, "gelu")
+
+
+def outputs_and_grads(call, tensors):
+    out = call(tensors)
+    trainable = [t for t in tensors if t.requires_grad]
+    grads = torch.autograd.grad(out, trainable, torch.ones_like(out).cumsum(-1))
+    return out, grads
+
+
+@pytest.mark.parametrize(
+    ("call", "make"),
+    [(lora_call, lora_inputs), (adapter_call, adapter_inputs)],
+    ids=["lora", "adapter"],
+)
+def test_the_eager_path_matches_the_custom_op_bitwise(call, make, monkeypatch):
+    calls = []
+    original = eager.eager_path
+    monkeypatch.setattr(ops, "eager_path", lambda *t: calls.append(original(*t)) or calls[-1])
+    eager_out, eager_grads = outputs_and_grads(call, make())
+    assert calls == [True]
+    monkeypatch.setattr(ops, "eager_path", lambda *t: False)
+    op_out, op_grads = outputs_and_grads(call, make())
+    assert torch.equal(eager_out, op_out)
+    for eager_grad, op_grad in zip(eager_grads, op_grads, strict=True):
+        assert torch.equal(eager_grad, op_grad)
+
+
+def test_without_gradients_the_eager_path_saves_nothing():
+    tensors = lora_inputs(requires_grad=False)
+    out = lora_call(tensors)
+    assert out.grad_fn is None
+    with torch.no_grad():
+        out = lora_call(lora_inputs())
+    assert out.grad_fn is None
+
+
+def test_plain_tensors_and_parameters_take_the_eager_path_subclasses_do_not():
+    class Subclass(torch.Tensor):
+        pass
+
+    plain = torch.ones(2)
+    assert eager.eager_path(plain, torch.nn.Parameter(plain), None)
+    assert not eager.eager_path(plain, plain.as_subclass(Subclass))
+
+
+def test_torch_compile_traces_the_custom_op():
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    tensors = lora_inputs(requires_grad=False)
+    compiled = torch.compile(lambda *t: ops.lora_linear(*t, 1.5), backend=capture, fullgraph=True)
+    assert torch.allclose(compiled(*tensors), ops.lora_linear(*tensors, 1.5))
+    targets = {node.target for graph in graphs for node in graph.graph.nodes}
+    assert torch.ops.fastdelta.lora_linear.default in targets
+
+
+@pytest.mark.parametrize(
+    ("call", "make", "name"),
+    [(lora_call, lora_inputs, "lora_linear"), (adapter_call, adapter_inputs, "adapter_bottleneck")],
+    ids=["lora", "adapter"],
+)
+def test_the_eager_path_shows_under_the_ops_name_in_a_profile(call, make, name):
+    tensors = make()
+    with torch.profiler.profile() as profile:
+        call(tensors).sum().backward()
+    names = {event.name for event in profile.events()}
+    assert {f"fastdelta::{name}", f"fastdelta::{name}_backward"} <= names
