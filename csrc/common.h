@@ -76,6 +76,9 @@ inline void check_lora_arguments(
                   lora_A.scalar_type() == x.scalar_type() &&
                   lora_B.scalar_type() == x.scalar_type(),
               op, ": x, weight, lora_A and lora_B must have one dtype");
+  TORCH_CHECK(weight.device() == x.device() && lora_A.device() == x.device() &&
+                  lora_B.device() == x.device(),
+              op, ": x, weight, lora_A and lora_B must be on one device");
   TORCH_CHECK(!seed.has_value() ||
                   (seed->scalar_type() == at::kLong && seed->numel() == 1 &&
                    seed->device() == x.device()),

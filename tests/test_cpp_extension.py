@@ -5,14 +5,16 @@ reference on every backend; this file checks how it is built and found: it build
 compiler is), the build is cached under a key of its sources, a second process reuses it, a
 missing compiler or a failed build never breaks `import fastdelta` (the automatic choice skips
 the cpp backend and logs why, a forced cpp backend raises naming what is missing), and the CUDA
-sources compile with nvcc wherever nvcc is, a GPU or not.
+sources compile with nvcc wherever nvcc is, a GPU or not, with no kernel that spills registers,
+uses local memory or declares too much shared memory on sm_80 or sm_90 (ptxas's audit:
+`pytest tests/test_cpp_extension.py -k ptxas -s` prints its table).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import logging
+import json
 import os
 import re
 import shutil
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,7 @@ def fresh_extension(monkeypatch, tmp_path):
     monkeypatch.setattr(_extension, "_state", _extension._NOT_TRIED)
     monkeypatch.setattr(_extension, "_settings", None)
     monkeypatch.setattr(backend_selection, "_logged_fallbacks", set())
+    monkeypatch.setattr(backend_selection, "_resolved", {})
     monkeypatch.setattr(backend_selection, "_setting", None)
     monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
     return tmp_path
@@ -147,6 +151,7 @@ def test_a_cpu_only_torch_builds_no_cuda_kernels(monkeypatch):
     assert "built without CUDA kernels" in unavailable_reason("cpp", "cuda")
     # So where Triton cannot run either, a CUDA tensor's automatic backend is torch.
     monkeypatch.setattr(backend_selection, "_setting", None)
+    monkeypatch.setattr(backend_selection, "_resolved", {})
     monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
     monkeypatch.setattr(backend_selection, "_triton_reason", lambda device: "no Triton (test)")
     assert resolve_backend("cuda", torch.float16) == "torch"
@@ -207,18 +212,68 @@ def test_without_a_compiler_forcing_cpp_says_so(no_compiler, monkeypatch):
         ops.lora_linear(x, weight, None, lora_A, lora_B, 1.0)
 
 
-def test_without_a_compiler_the_automatic_choice_skips_cpp_and_logs(
-    no_compiler, monkeypatch, caplog
-):
+def test_without_a_compiler_the_automatic_choice_skips_cpp_and_warns(no_compiler, monkeypatch):
     # On a CUDA tensor where Triton cannot run, auto would take cpp; it falls back to torch.
     monkeypatch.setattr(backend_selection, "_triton_reason", lambda device: "no Triton (test)")
-    with caplog.at_level(logging.INFO, logger="fastdelta"):
+    with pytest.warns(UserWarning) as warnings:
         assert resolve_backend("cuda", torch.float32) == "torch"
         assert resolve_backend("cuda", torch.bfloat16) == "torch"
-    records = [r for r in caplog.records if r.name == "fastdelta.ops.backend"]
-    assert len(records) == 1  # once per reason, not per call
-    assert "cpp backend" in records[0].getMessage()
-    assert str(no_compiler) in records[0].getMessage()
+    assert len(warnings) == 1, [str(w.message) for w in warnings]  # once per reason
+    message = str(warnings[0].message)
+    assert "torch backend" in message and "no Triton (test)" in message
+    assert "not built yet" in message and str(no_compiler) in message
+
+
+@pytest.fixture
+def no_build(fresh_extension, monkeypatch):
+    """A machine where the extension is not built and building it would take minutes: a build
+    fails the test."""
+
+    def refuse(*arguments):
+        pytest.fail("the C++ extension was built without being asked to")
+
+    monkeypatch.setattr(_extension, "_compile", refuse)
+    monkeypatch.setattr(backend_selection, "_triton_reason", lambda device: "no Triton (test)")
+
+
+def test_auto_never_builds_the_extension_and_says_how_to(no_build):
+    """`auto` on a CUDA tensor where Triton cannot run: no build inside a forward, a warning
+    with the commands that build the extension, the torch backend meanwhile."""
+    with pytest.warns(UserWarning, match="not built yet") as warnings:
+        for dtype in (torch.float32, torch.float16, torch.float32):
+            assert resolve_backend("cuda", dtype) == "torch"
+    assert len(warnings) == 1
+    message = str(warnings[0].message)
+    assert "`fastdelta build-ext`" in message
+    assert "FASTDELTA_BUILD_EXT=1 pip install --no-build-isolation ." in message
+    assert _extension._state is _extension._NOT_TRIED  # a later forced cpp may still build it
+
+
+def test_auto_uses_an_extension_that_is_built(no_build, monkeypatch):
+    """A built extension (setup.py's or the cache's) is loaded, not built, and auto runs it."""
+    library = _extension.PREBUILT_DIR / "_C_test.so"
+    loaded = []
+    monkeypatch.setattr(_extension, "built_library", lambda settings: library)
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    monkeypatch.setattr(_extension, "cuda_kernels_reason", lambda: None)
+    assert resolve_backend("cuda", torch.float16) == "cpp"
+    assert loaded == [str(library)] and _extension._state is None
+
+
+def test_forcing_cpp_still_builds_the_extension(no_build, monkeypatch):
+    built = []
+
+    def compile_extension(settings, directory):
+        built.append(directory)
+        return directory / "fastdelta_C.so"
+
+    monkeypatch.setattr(_extension, "_compile", compile_extension)
+    monkeypatch.setattr(_extension, "_missing_tools", lambda settings: None)
+    fastdelta.set_backend("cpp")
+    try:
+        assert built == [_extension.build_directory(_extension.build_settings())]
+    finally:
+        fastdelta.set_backend("auto")
 
 
 def test_missing_sources_are_named(fresh_extension, monkeypatch):
@@ -286,14 +341,20 @@ def test_import_fastdelta_works_without_a_compiler(tmp_path):
 # --------------------------------------------------------------------------------------------
 # 3. The CUDA sources compile, GPU or not.
 
-# The architecture the compile check targets: Ampere, the oldest GPU the fused kernels aim at.
-NVCC_ARCHITECTURE = "-gencode=arch=compute_80,code=sm_80"
+# The GPUs the CUDA kernels are compiled and audited for: Ampere, the oldest GPU the fused kernels
+# aim at, and Hopper.
+NVCC_TARGETS = ("sm_80", "sm_90")
+# The static shared memory a block may declare: ptxas refuses more on both targets ("uses too
+# much shared data (0xc000 max)"). The larger per-block maxima, 163 KiB on sm_80 and 227 KiB on
+# sm_90, are for dynamic shared memory with an opt-in, which no launch of the extension uses.
+STATIC_SHARED_MEMORY_LIMIT = 48 * 1024
 
 
 def nvcc_command(source: Path, output: Path) -> list[str]:
     """nvcc -c on one CUDA source with the flags torch's cpp_extension gives an extension (its
     include paths and defines, its C++ standard, and for .cu files COMMON_NVCC_FLAGS) and the
-    extension's own. nvcc hands a .cpp file to the host compiler with CUDA's include path."""
+    extension's own; a .cu file's device code for every NVCC_TARGETS, with ptxas's resource
+    report (-Xptxas -v). nvcc hands a .cpp file to the host compiler with CUDA's include path."""
     version = tuple(int(part) for part in torch.__version__.split(".")[:2])
     standard = "-std=c++20" if version >= (2, 13) else "-std=c++17"  # as torch's cpp_extension
     includes = [*cpp_extension.include_paths(), sysconfig.get_path("include")]
@@ -311,18 +372,132 @@ def nvcc_command(source: Path, output: Path) -> list[str]:
         flags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
     if source.suffix == ".cu":
         flags += [*cpp_extension.COMMON_NVCC_FLAGS, "--compiler-options", "-fPIC"]
-        flags += [*_extension.NVCC_FLAGS, NVCC_ARCHITECTURE]
+        flags += [*_extension.NVCC_FLAGS, "-Xptxas", "-v"]
+        flags += [f"-gencode=arch=compute_{target[3:]},code={target}" for target in NVCC_TARGETS]
     else:
         flags += ["--compiler-options", ",".join(["-fPIC", *_extension.CXX_FLAGS])]
     return ["nvcc", "-c", str(source), "-o", str(output), *flags]
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-def test_nvcc_compiles_the_cuda_sources(tmp_path):
-    """Every source of the CUDA build compiles to an object: the kernels (.cu) and the op code
-    that includes c10's CUDA headers (.cpp), two at a time (under a minute on two cores). A
-    clean compile is remembered in the cache directory under a hash of the sources, the commands
-    and nvcc's version, so unchanged sources are not compiled again on this machine."""
+@dataclass(frozen=True)
+class KernelResources:
+    """What ptxas -v reports of one function for one target. registers is None for a device
+    function that was not inlined (ptxas gives only its frame)."""
+
+    function: str  # mangled
+    target: str
+    registers: int | None = None
+    stack_frame: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    shared_memory: int = 0  # static, bytes
+
+    def problems(self) -> list[str]:
+        """Spills, local memory and shared memory past the limit, in words."""
+        found = []
+        if self.spill_stores or self.spill_loads:
+            found.append(f"spills {self.spill_stores} / {self.spill_loads} bytes (stores / loads)")
+        if self.stack_frame:
+            found.append(f"a {self.stack_frame}-byte stack frame in local memory")
+        if self.shared_memory > STATIC_SHARED_MEMORY_LIMIT:
+            found.append(f"{self.shared_memory} bytes of static shared memory")
+        return found
+
+
+PTXAS_ENTRY = re.compile(r"Compiling entry function '(?P<function>[^']+)' for '(?P<target>sm_\w+)'")
+PTXAS_PROPERTIES = re.compile(r"Function properties for (?P<function>\S+)")
+PTXAS_FRAME = re.compile(
+    r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, "
+    r"(?P<loads>\d+) bytes spill loads"
+)
+PTXAS_USAGE = re.compile(r"Used (?P<registers>\d+) registers")
+PTXAS_SHARED = re.compile(r"(?P<bytes>\d+) bytes smem")
+PTXAS_CUMULATIVE_STACK = re.compile(r"(?P<bytes>\d+) bytes cumulative stack size")
+
+
+def parse_ptxas(log: str) -> list[KernelResources]:
+    """Every function in a ptxas -v report. A kernel's lines: "Compiling entry function 'f' for
+    'sm_80'", "Function properties for f", its frame ("N bytes stack frame, N bytes spill
+    stores, N bytes spill loads"), "Used N registers, ..., N bytes smem, ...". A device function
+    that is not inlined has a properties line and a frame line of its own; a kernel's stack
+    frame is taken as its cumulative stack size, its callees' frames included, when larger."""
+    found: dict[tuple[str, str], KernelResources] = {}
+    entry = function = target = None
+    for line in log.splitlines():
+        if match := PTXAS_ENTRY.search(line):
+            entry = function = match["function"]
+            target = match["target"]
+            found[entry, target] = KernelResources(entry, target)
+        elif (match := PTXAS_PROPERTIES.search(line)) and target is not None:
+            function = match["function"]
+            found.setdefault((function, target), KernelResources(function, target))
+        elif (match := PTXAS_FRAME.search(line)) and function is not None:
+            frame = {"stack_frame": "stack", "spill_stores": "stores", "spill_loads": "loads"}
+            counts = {field: int(match[group]) for field, group in frame.items()}
+            found[function, target] = replace(found[function, target], **counts)
+        elif (match := PTXAS_USAGE.search(line)) and entry is not None:
+            shared = PTXAS_SHARED.search(line)
+            stack = PTXAS_CUMULATIVE_STACK.search(line)
+            kernel = found[entry, target]
+            found[entry, target] = replace(
+                kernel,
+                registers=int(match["registers"]),
+                shared_memory=int(shared["bytes"]) if shared else 0,
+                stack_frame=max(kernel.stack_frame, int(stack["bytes"]) if stack else 0),
+            )
+    return list(found.values())
+
+
+def readable_names(mangled: set[str]) -> dict[str, str]:
+    """c++filt's names, without the namespaces, the return type and the parameter list (the
+    mangled names where c++filt is missing)."""
+    names = sorted(mangled)
+    if shutil.which("c++filt") is None:
+        return {name: name for name in names}
+    output = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+    readable = {}
+    for name, demangled in zip(names, output.stdout.splitlines(), strict=True):
+        for noise in ("(anonymous namespace)::", "fastdelta::cuda::", "fastdelta::", "c10::"):
+            demangled = demangled.replace(noise, "")
+        demangled = demangled.removeprefix("void ")
+        depth = 0  # cut the parameter list at the "(" that matches the last ")"
+        for index in range(len(demangled) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(demangled[index], 0)
+            if depth == 0:
+                demangled = demangled[:index] or demangled
+                break
+        readable[name] = demangled
+    return readable
+
+
+def resource_table(kernels: list[KernelResources]) -> str:
+    """One line per kernel and target: registers, spill bytes (stores / loads), stack frame and
+    static shared memory bytes."""
+    names = readable_names({kernel.function for kernel in kernels})
+    rows = [("kernel", "target", "registers", "spills", "stack", "smem")]
+    for kernel in sorted(kernels, key=lambda kernel: (names[kernel.function], kernel.target)):
+        registers = "-" if kernel.registers is None else str(kernel.registers)
+        spills = f"{kernel.spill_stores}/{kernel.spill_loads}"
+        numbers = (registers, spills, str(kernel.stack_frame), str(kernel.shared_memory))
+        rows.append((names[kernel.function], kernel.target, *numbers))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True)]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def nvcc_results(tmp_path_factory) -> dict[str, dict]:
+    """{source: {"returncode", "object_bytes", "log"}} of nvcc on every source of the CUDA build:
+    the kernels (.cu, with ptxas's report) and the op code that includes c10's CUDA headers
+    (.cpp), two at a time (70 s of CPU time: 35-40 s on two idle cores). A clean compile's
+    results are kept in the cache directory under a hash of the sources, the commands and
+    nvcc's version, so unchanged sources are not compiled again on this machine."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on PATH")
     source_dir = _extension.default_source_dir()
     files = _extension.HEADERS + _extension.CUDA_SOURCES + _extension.CUDA_HEADERS
     version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
@@ -331,24 +506,57 @@ def test_nvcc_compiles_the_cuda_sources(tmp_path):
         digest.update(name.encode() + (source_dir / name).read_bytes())
     for name in _extension.CUDA_SOURCES:
         digest.update(" ".join(nvcc_command(Path(name), Path("out.o"))).encode())
-    done = _extension.cache_root() / "nvcc-check" / digest.hexdigest()[:16]
-    if done.is_file():
-        return
+    cached = _extension.cache_root() / "nvcc-check" / f"{digest.hexdigest()[:16]}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    directory = tmp_path_factory.mktemp("nvcc")
 
     def compile_one(name):
-        output = tmp_path / (Path(name).name + ".o")
-        result = subprocess.run(
-            nvcc_command(source_dir / name, output), capture_output=True, text=True
-        )
-        return name, result, output
+        output = directory / (Path(name).name + ".o")
+        command = nvcc_command(source_dir / name, output)
+        result = subprocess.run(command, capture_output=True, text=True)
+        size = output.stat().st_size if output.is_file() else 0
+        log = result.stdout + result.stderr
+        return name, {"returncode": result.returncode, "object_bytes": size, "log": log}
 
+    # The kernels first: adapter_kernels.cu, compiled for both targets, is the longest job.
+    names = sorted(_extension.CUDA_SOURCES, key=lambda name: not name.endswith(".cu"))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(compile_one, _extension.CUDA_SOURCES))
-    for name, result, output in results:
-        assert result.returncode == 0, f"nvcc failed on {name}:\n{result.stdout}{result.stderr}"
-        assert output.stat().st_size > 0, name
-    done.parent.mkdir(parents=True, exist_ok=True)
-    done.write_text("\n".join(_extension.CUDA_SOURCES))
+        results = dict(pool.map(compile_one, names))
+    if all(result["returncode"] == 0 and result["object_bytes"] for result in results.values()):
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(results))
+    return results
+
+
+def test_nvcc_compiles_the_cuda_sources(nvcc_results):
+    """Every source of the CUDA build compiles to an object, GPU or not."""
+    for name, result in nvcc_results.items():
+        assert result["returncode"] == 0, f"nvcc failed on {name}:\n{result['log']}"
+        assert result["object_bytes"] > 0, name
+
+
+def test_ptxas_no_kernel_spills_or_exceeds_shared_memory(nvcc_results):
+    """ptxas's report on every kernel for sm_80 and sm_90: no register spills, no stack frame
+    (local memory, where spills and arrays indexed at run time go), static shared memory within
+    a block's limit. `pytest -k ptxas -s` prints the table; a failure prints it too."""
+    kernels = []
+    for name, result in nvcc_results.items():
+        if name.endswith(".cu"):
+            assert result["returncode"] == 0, f"nvcc failed on {name}:\n{result['log']}"
+            found = parse_ptxas(result["log"])
+            targets = {kernel.target for kernel in found}
+            assert targets == set(NVCC_TARGETS), f"ptxas reported {targets} for {name}"
+            kernels += found
+    table = resource_table(kernels)
+    print(f"\nptxas -v on csrc/cuda/*.cu, {len(kernels)} functions x targets:\n{table}")
+    names = readable_names({kernel.function for kernel in kernels})
+    problems = [
+        f"{names[kernel.function]} ({kernel.target}): {', '.join(kernel.problems())}"
+        for kernel in kernels
+        if kernel.problems()
+    ]
+    assert not problems, "\n".join(problems) + f"\n\n{table}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
 // computes the up-projection with the activation, the scaling, the up-bias and the residual
 // fused (adapter_kernels.cu): `out` is the only [M, d_out] tensor written.
 // Backward (saves h and pre; the activation is recomputed): one tile kernel forms d(pre) =
-// s * (dOut U) * act'(pre); dU, dD and dh are cuBLAS products, a sequential adapter's residual
-// path joining dh through cuBLAS's beta = 1.
+// s * (dOut U) * act'(pre); dU, dD and dh are cuBLAS products. A sequential adapter's dh is
+// at::addmm(dOut, d(pre), D): ATen copies dOut into dh, then cuBLAS reads dh back and writes
+// d(pre) D + dh over it (beta = 1), as the LoRA op does with y (lora_cuda.cpp).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -33,6 +34,13 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cuda(
                              .to(accumulate_type(h.scalar_type()))
                              .contiguous();
   const at::Tensor residual2d = residual.has_value() ? residual->reshape({-1, d_out}) : h2d;
+  const char* op = "fastdelta_C::adapter_forward";
+  check_kernel_input(op, "up_weight", up_weight, h.device(), h.scalar_type(), {d_out, bottleneck});
+  if (up_bias.has_value()) {
+    check_kernel_input(op, "up_bias", *up_bias, h.device(), h.scalar_type(), {d_out});
+  }
+  check_kernel_input(op, "the residual (h when none is given)", residual2d, h.device(),
+                     h.scalar_type(), {M, d_out});
   at::Tensor out = at::empty({M, d_out}, h.options());
   const bool has_bias = up_bias.has_value();
   C10_CUDA_CHECK(adapter_output(dtype_of(h), act, M, d_out, bottleneck, pre.const_data_ptr(),
@@ -57,6 +65,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
   const at::Tensor h2d = h.reshape({-1, d_in});
   const at::Tensor pre2d = pre.reshape({-1, bottleneck}).contiguous();
   const int64_t M = h2d.size(0);
+  const char* op = "fastdelta_C::adapter_backward";
+  check_kernel_input(op, "grad_out", grad2d, h.device(), dtype, {M, d_out});
+  check_kernel_input(op, "up_weight", up_weight, h.device(), dtype, {d_out, bottleneck});
+  check_kernel_input(op, "pre", pre2d, h.device(), accumulate_type(dtype), {M, bottleneck});
   at::Tensor grad_h, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias;
   if (need_up_weight) {
     const at::Tensor hidden = at::empty({M, bottleneck}, h.options());

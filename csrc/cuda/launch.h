@@ -47,8 +47,8 @@ inline int64_t chunk_count(int64_t length, int64_t chunk) {
 cudaError_t lora_down(DType dtype, int64_t M, int64_t K, int64_t R, Operand x, Operand lora_A,
                       DropoutArgs dropout, double scale, void* xa, cudaStream_t stream);
 
-// y[M, N] = bias + scaling * xa[M, R] B[N, R]^T, the seed that cuBLAS then adds x W^T to.
-// bias may be null.
+// y[M, N] = bias + scaling * xa[M, R] B[N, R]^T (bias may be null). The op then has cuBLAS read
+// y back and write x W^T + y over it: y is written twice (see lora_cuda.cpp).
 cudaError_t lora_seed_output(DType dtype, int64_t M, int64_t N, int64_t R, const void* xa,
                              Operand lora_B, const void* bias, int64_t bias_stride,
                              double scaling, void* y, cudaStream_t stream);
@@ -67,7 +67,8 @@ cudaError_t lora_grad_A(DType dtype, int64_t M, int64_t K, int64_t R, const void
                         Operand x, DropoutArgs dropout, int64_t chunk, void* partials,
                         cudaStream_t stream);
 
-// dX[M, K] = drop'(dxa[M, R] A[R, K]), the seed that cuBLAS then adds dY W to.
+// dX[M, K] = drop'(dxa[M, R] A[R, K]). The op then has cuBLAS read dX back and write dY W + dX
+// over it.
 cudaError_t lora_seed_input_grad(DType dtype, int64_t M, int64_t K, int64_t R,
                                  const void* grad_xa, Operand lora_A, DropoutArgs dropout,
                                  void* grad_x, cudaStream_t stream);

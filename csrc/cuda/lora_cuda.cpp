@@ -1,13 +1,22 @@
 // The LoRA linear on CUDA: y = x W^T + b + s * (drop(x) A^T) B^T, forward and backward.
 //
 // Forward: xa = drop(x) A^T / (1 - p) (a tile kernel; the dropout mask hashed in it from the
-// seed, never stored); then a tile kernel seeds y with b + s * xa B^T and cuBLAS adds x W^T into
-// it (beta = 1): y is the only [M, N] tensor written, the bias and the low-rank product ride in
-// cuBLAS's accumulator.
-// Backward, from x, xa and the seed alone: dxa = s * dY B / (1 - p) (float32); dX is seeded with
-// drop'(dxa A) (the mask hashed again in that kernel's epilogue) and cuBLAS adds dY W into it;
-// dA = dxa^T drop(x) and dB = s * dY^T xa are tile products split over the rows, their partial
-// sums added in a fixed order (deterministic). dW and db are cuBLAS / ATen.
+// seed, never stored). Then y, the only [M, N] tensor, is written twice: a tile kernel writes
+// y = b + s * xa B^T (bias and scaling in its epilogue), and y.addmm_(x, W^T) has cuBLAS read y
+// back as its C operand (beta = 1) and write x W^T + y over it. That is 2 writes and 1 read of
+// [M, N] where a GEMM whose epilogue forms the low-rank product (the triton backend's) writes y
+// once: 2 * M * N * sizeof(dtype) more bytes, and in float16/bfloat16 one more rounding (of
+// b + s * xa B^T to y's dtype). cuBLASLt cannot do it in one write: its epilogues add a bias
+// vector, apply ReLU or GELU (or their gradients) or reduce a bias gradient; none forms a
+// second product. It stays the fallback because x W^T, nearly all the flops (2MNK against
+// 2Mr(K + N)), runs on cuBLAS's tensor-core kernels. In bfloat16 the extra 4 bytes per output
+// element, against the GEMM's 2K flops, cost about 590/K of its time at an H100's peak rates
+// (14% at K = 4096): an estimate, not a measurement.
+// Backward, from x, xa and the seed alone: dxa = s * dY B / (1 - p) (float32). dX is written
+// twice the same way: a tile kernel writes drop'(dxa A) (the mask hashed again in its epilogue),
+// then grad_x.addmm_(dY, W) has cuBLAS read it and write dY W + it over it (2 writes and 1 read
+// of [M, K]). dA = dxa^T drop(x) and dB = s * dY^T xa are tile products split over the rows,
+// their partial sums added in a fixed order (deterministic). dW and db are cuBLAS / ATen.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -34,6 +43,10 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(
   const double dropout_scale = dropout.seed == nullptr ? 1.0 : 1.0 / (1.0 - dropout_p);
   at::Tensor xa = at::empty({M, R}, x.options().dtype(accumulate_type(x.scalar_type())));
   at::Tensor y = at::empty({M, N}, x.options());
+  if (bias.has_value()) {
+    check_kernel_input("fastdelta_C::lora_forward", "bias", *bias, x.device(), x.scalar_type(),
+                       {N});
+  }
   const DType dtype = dtype_of(x);
   C10_CUDA_CHECK(lora_down(dtype, M, K, R, operand(x2d), operand(lora_A), dropout, dropout_scale,
                            xa.data_ptr(), stream));
@@ -59,6 +72,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   const at::Tensor x2d = x.reshape({-1, K});
   const int64_t M = x2d.size(0);
   const at::Tensor xa2d = xa.reshape({-1, R}).contiguous();
+  check_kernel_input("fastdelta_C::lora_backward", "grad_y", grad2d, x.device(), x.scalar_type(),
+                     {M, N});
+  check_kernel_input("fastdelta_C::lora_backward", "xa", xa2d, x.device(),
+                     accumulate_type(x.scalar_type()), {M, R});
   const auto acc_options = x.options().dtype(accumulate_type(x.scalar_type()));
   const DropoutArgs dropout = dropout_args(seed, dropout_p);
   const double dropout_scale = dropout.seed == nullptr ? 1.0 : 1.0 / (1.0 - dropout_p);

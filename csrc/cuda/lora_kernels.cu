@@ -11,7 +11,7 @@
 namespace fastdelta::cuda {
 namespace {
 
-// y[row, col] = bias[col] + scaling * value: y before cuBLAS adds x W^T.
+// y[row, col] = bias[col] + scaling * value, written before cuBLAS reads y back to add x W^T.
 template <typename scalar_t, typename acc_t>
 struct SeedOutput {
   scalar_t* out;
@@ -26,7 +26,8 @@ struct SeedOutput {
   }
 };
 
-// dX[row, col] = value where the forward kept x[row, col], else 0, before cuBLAS adds dY W.
+// dX[row, col] = value where the forward kept x[row, col], else 0, written before cuBLAS reads
+// dX back to add dY W.
 // The 1 / (1 - p) is already in dxa. No seed: nothing is dropped.
 template <typename scalar_t, typename acc_t>
 struct SeedInputGrad {

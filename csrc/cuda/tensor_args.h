@@ -28,6 +28,19 @@ inline Operand operand(const at::Tensor& matrix) {
   return {matrix.const_data_ptr(), matrix.stride(0), matrix.stride(1)};
 }
 
+// Checks a tensor that a kernel reads through its data pointer, with no ATen op to check it
+// first: `dtype`, `sizes`, on `device` (any strides). fastdelta.ops checks what users pass; this
+// guards direct calls of torch.ops.fastdelta_C, where a mismatch would be read out of bounds or
+// as the wrong type instead of rejected.
+inline void check_kernel_input(const char* op, const char* name, const at::Tensor& tensor,
+                               const at::Device& device, at::ScalarType dtype,
+                               at::IntArrayRef sizes) {
+  TORCH_CHECK(tensor.device() == device && tensor.scalar_type() == dtype &&
+                  tensor.sizes() == sizes,
+              op, ": ", name, " must be ", dtype, " ", sizes, " on ", device, ", got ",
+              tensor.scalar_type(), " ", tensor.sizes(), " on ", tensor.device());
+}
+
 // The dropout of a LoRA launch: on when `seed` is given and p > 0.
 inline DropoutArgs dropout_args(const std::optional<at::Tensor>& seed, double p) {
   if (!seed.has_value() || p <= 0) return {nullptr, 0};

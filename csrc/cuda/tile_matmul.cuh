@@ -1,4 +1,4 @@
-// One tiled matmul kernel for every product of the cpp backend that has a small dimension (the
+// One tiled matmul for every product of the cpp backend that has a small dimension (the
 // LoRA rank or the adapter bottleneck), with what surrounds the product fused into it: the
 // operands are read through loader functors (which apply the dropout mask or the activation
 // on the fly) and each result goes through an epilogue functor (scaling, bias, residual, mask).
@@ -33,10 +33,12 @@ constexpr int kThreads = 256;
 constexpr int kThreadRows = kTileM / 16;  // outputs per thread along i (rows ty + 16 * r)
 constexpr int kThreadCols = kTileN / 16;  // outputs per thread along j (cols tx + 16 * c)
 
+// The tile (blockIdx.x, blockIdx.y) of C over k-chunk blockIdx.z: the body of the two kernels
+// below, which differ only in their launch bounds.
 template <typename acc_t, typename ALoad, typename BLoad, typename Epilogue>
-__global__ void __launch_bounds__(kThreads)
-    tile_matmul_kernel(int64_t M, int64_t N, int64_t K, int64_t k_chunk, ALoad a, BLoad b,
-                       Epilogue epilogue) {
+__device__ __forceinline__ void tile_matmul_block(int64_t M, int64_t N, int64_t K,
+                                                  int64_t k_chunk, ALoad& a, BLoad& b,
+                                                  Epilogue& epilogue) {
   // +1 column: the transposed stores into the tiles do not all hit one bank.
   __shared__ acc_t a_tile[kTileK][kTileM + 1];
   __shared__ acc_t b_tile[kTileK][kTileN + 1];
@@ -92,6 +94,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// float32 accumulation (float, half and bfloat16 data). ptxas chooses the registers: 48-64 per
+// thread, no spills (tests/test_cpp_extension.py's ptxas audit). Asking for a minimum of blocks
+// per SM, even 1, makes it take 66-90 instead, for fewer resident blocks.
+template <typename acc_t, typename ALoad, typename BLoad, typename Epilogue>
+__global__ void __launch_bounds__(kThreads)
+    tile_matmul_kernel(int64_t M, int64_t N, int64_t K, int64_t k_chunk, ALoad a, BLoad b,
+                       Epilogue epilogue) {
+  tile_matmul_block<acc_t>(M, N, K, k_chunk, a, b, epilogue);
+}
+
+// float64 accumulation: the 16 accumulators and 8 operands of a thread take 48 registers alone.
+// Left to choose, ptxas kept gelu_new's float64 up-projection at 80 registers on sm_80 (three
+// blocks per SM) and spilled 16 bytes to local memory; at least two blocks per SM allows up to
+// 128 registers, and the float64 kernels take 95-115 with no spills.
+template <typename acc_t, typename ALoad, typename BLoad, typename Epilogue>
+__global__ void __launch_bounds__(kThreads, 2)
+    tile_matmul_kernel_fp64(int64_t M, int64_t N, int64_t K, int64_t k_chunk, ALoad a, BLoad b,
+                            Epilogue epilogue) {
+  tile_matmul_block<acc_t>(M, N, K, k_chunk, a, b, epilogue);
+}
+
 // Launch C = a . b^T on `stream` as chunk_count(K, k_chunk) k-chunks of k_chunk (the epilogue
 // must then write per-chunk partial sums, see StorePartial); returns the launch's error. An
 // empty reduction (K = 0) still runs the epilogue, with zeros.
@@ -100,10 +123,17 @@ cudaError_t tile_matmul_chunked(int64_t M, int64_t N, int64_t K, int64_t k_chunk
                                 const ALoad& a, const BLoad& b, const Epilogue& epilogue,
                                 cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
+  // gridDim.y and gridDim.z are at most 65535: N up to 4,194,240 columns (the cpp backend's N
+  // are feature counts), and reduction_chunk makes a few chunks per multiprocessor. Beyond, the
+  // launch fails and the op raises; it never computes a partial result.
   const dim3 grid(static_cast<unsigned>((M + kTileM - 1) / kTileM),
                   static_cast<unsigned>((N + kTileN - 1) / kTileN),
                   static_cast<unsigned>(chunk_count(K, k_chunk)));
-  tile_matmul_kernel<acc_t><<<grid, kThreads, 0, stream>>>(M, N, K, k_chunk, a, b, epilogue);
+  if constexpr (std::is_same_v<acc_t, double>) {
+    tile_matmul_kernel_fp64<acc_t><<<grid, kThreads, 0, stream>>>(M, N, K, k_chunk, a, b, epilogue);
+  } else {
+    tile_matmul_kernel<acc_t><<<grid, kThreads, 0, stream>>>(M, N, K, k_chunk, a, b, epilogue);
+  }
   return cudaGetLastError();
 }
 

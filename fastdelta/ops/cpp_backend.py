@@ -5,6 +5,15 @@ the dispatcher picks by the tensors' device; `fastdelta.ops._extension` builds a
 extension, and `fastdelta.ops.backend` decides when this backend runs. The functions match
 `fastdelta.ops.torch_backend`'s signatures and semantics; the dropout mask is the extension's
 own (a counter-based hash of the seed and the element index, the same on CPU and CUDA).
+
+On CUDA the big products (x W^T, dY W, dW) are cuBLAS's, through ATen, and the products with the
+rank or the bottleneck as a dimension are the extension's tile kernels, with the dropout mask,
+scaling, bias, activation and residual applied inside them. The LoRA output is not one write:
+a tile kernel writes y = b + scaling * xa B^T, then cuBLAS reads y back and writes x W^T + y
+over it (beta = 1), so y costs 2 writes and 1 read of [M, N] where the triton backend's fused
+epilogue writes it once (2 * M * N * itemsize more bytes); dX in the backward likewise. cuBLASLt
+epilogues add a bias or an activation, never a second product; csrc/cuda/lora_cuda.cpp says
+why this is still the fallback.
 """
 
 from __future__ import annotations
