@@ -1,6 +1,6 @@
 """Injection: the three operations, and what a backbone keeps and survives with deltas in it.
 
-Covers DESIGN.md "Name-addressed injection": the host keeps its class name, forward signature
+Covers name-addressed injection: the host keeps its class name, forward signature
 and docstring; the backbone's own parameter names never change; deltas survive dtype casts,
 deepcopy, pickling, DataParallel replication, gradient checkpointing and torch.compile; and
 detach()/attach() restore the backbone exactly.
