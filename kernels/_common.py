@@ -12,7 +12,19 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 # Block sizes used under the interpreter, where autotuning cannot run: small, so CI stays fast,
 # and not dividing the test shapes, so the masked edges are exercised.
-INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+INTERPRETER_BLOCKS = {
+    "BLOCK_M": 32,
+    "BLOCK_N": 32,
+    "BLOCK_K": 32,
+    "BLOCK_P": 32,
+    "BLOCK_Q": 32,
+    "GROUP_M": 2,
+}
+
+# The widest rank (or bottleneck) chunk a kernel holds at once; wider ranks are split into chunks
+# of this many columns, looped over or spread over programs. Under the interpreter it is small,
+# so the test shapes (ranks up to 64) go through the chunked loops too.
+MAX_BLOCK_R = 32 if INTERPRETED else 128
 
 
 def autotuned(configs: list[triton.Config], key: list[str], **options):
@@ -38,9 +50,10 @@ def launch(kernel, grid, *args, **constants) -> None:
         kernel[grid](*args, **constants)
 
 
-def block_r(rank: int) -> int:
-    """The tile width that holds the LoRA rank: a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(rank))
+def block_r(rank: int, largest: int = MAX_BLOCK_R) -> int:
+    """The tile width of a rank chunk: a power of two, at least 16 (tl.dot's minimum), at most
+    `largest`; a rank wider than that is split into chunks of this width."""
+    return max(16, min(triton.next_power_of_2(rank), largest))
 
 
 def m_bucket(m: int) -> int:
@@ -89,9 +102,18 @@ def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def load_tile(ptr, rows, cols, stride_row, stride_col, row_mask, col_mask):
-    """ptr[rows, cols] with the given strides, zero outside the masks."""
-    offsets = rows[:, None] * stride_row + cols[None, :] * stride_col
+    """ptr[rows, cols] with the given strides, zero outside the masks. The offsets are int64:
+    index times stride passes 2^31 in a tensor of 2^31 elements (a [256000, 8192] weight, say),
+    and int32 arithmetic would wrap without a word."""
+    offsets = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
     return tl.load(ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+
+
+@triton.jit
+def load_vector(ptr, index, stride, mask):
+    """ptr[index] of a strided vector (a bias, say: an expanded or sliced one has stride != 1),
+    as float32, zero outside the mask."""
+    return tl.load(ptr + index.to(tl.int64) * stride, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -105,3 +127,28 @@ def drop(values, seed, rows, cols, n_cols, p):
     offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
     keep = tl.rand(seed, offsets) >= p
     return tl.where(keep, values, tl.zeros_like(values))
+
+
+def tile_grid(rows: int, columns: int, column_block: str = "BLOCK_N"):
+    """The launch grid of one program per [BLOCK_M, column_block] tile of a [rows, columns]
+    result, for a kernel that swizzles its program id into (tile row, tile column)."""
+    return lambda meta: (
+        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(columns, meta[column_block]),
+    )
+
+
+def row_block_grid(rows: int, chunks: int):
+    """The launch grid of one program per (BLOCK_M rows, rank chunk)."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), chunks)
+
+
+_unused_seeds: dict[torch.device, torch.Tensor] = {}
+
+
+def unused_seed(device: torch.device) -> torch.Tensor:
+    """The seed argument of a launch without dropout, which the kernels never read: one per
+    device, so a call allocates nothing for it."""
+    seed = _unused_seeds.get(device)
+    if seed is None:
+        seed = _unused_seeds[device] = torch.zeros((), dtype=torch.int64, device=device)
+    return seed

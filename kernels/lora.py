@@ -1,17 +1,23 @@
 """The fused LoRA linear in Triton: y = x W^T + b + s * (drop(x) A^T) B^T, forward and backward.
 
 Shapes: x [M, K], W [N, K] (nn.Linear) or [K, N] (GPT-2's Conv1D, read through its strides,
-never copied), A [r, K], B [N, r], xa = drop(x) A^T [M, r] in float32.
+never copied), A [r, K], B [N, r], xa = drop(x) A^T / (1 - p) [M, r] in float32. A rank wider
+than MAX_BLOCK_R is split into chunks: one program per chunk where the chunk is a result
+(xa, dxa), a loop over the chunks where the rank is reduced over (the epilogues).
 
-Forward, two launches (one when M <= 16):
-  _down_kernel     xa = drop(x) A^T * 1/(1-p), the dropout mask drawn in-kernel from a seed.
+Forward, fused (one launch when M <= SMALL_M and the rank is one chunk, else two):
+  _down_kernel     xa = drop(x) A^T / (1 - p), the dropout mask drawn in-kernel from a seed.
   _forward_kernel  y = x W^T + b + s * xa B^T: the low-rank product and the bias are added in
                    the GEMM's epilogue, so y is the only [M, N] tensor written. For small M it
-                   also computes xa from the x tiles it already holds (SMALL_M: one launch).
-Backward, two launches, saving only x, xa and the seed:
-  _grad_out_kernel  one pass over dY: dxa = s * dY B, and dB = s * dY^T xa (atomic adds).
-  _grad_in_kernel   dX = dY W + drop'(dxa A), and dA = dxa^T drop(x) (atomic adds) from the same
-                    x tile and mask, so the mask is drawn once per backward.
+                   also computes xa from the x tiles it holds (COMPUTE_XA: one launch).
+Forward, composed: cuBLAS writes y = x W^T + b, and _forward_kernel (BASE_IN_Y) adds s * xa B^T
+  into it. `dispatch` picks the faster per shape bucket; float32 with TF32 off always composes
+  (its tl.dot would run the main GEMM on FMA units).
+Backward, from x, xa and the seed alone:
+  _grad_xa_kernel  dxa = s / (1 - p) * dY B (float32).
+  _grad_x_kernel   dX = dY W + drop'(dxa A), the mask drawn again; composed: cuBLAS's dY W,
+                   then the same kernel adds the low-rank term (BASE_IN_DX).
+  dB = s dY^T xa and dA = dxa^T drop(x): `reduction.transposed_product`, in a fixed order.
 dW and db, only for a trainable base, are plain matmuls (cuBLAS).
 """
 
@@ -21,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdelta.ops.torch_backend import base_grads
+from fastdelta.ops.torch_backend import base_grads, base_weight
 
+from . import configs, dispatch
 from ._common import (
     autotuned,
     block_r,
@@ -30,66 +37,51 @@ from ._common import (
     drop,
     launch,
     load_tile,
+    load_vector,
     m_bucket,
     mma,
+    row_block_grid,
     swizzle,
+    tile_grid,
+    unused_seed,
 )
+from .reduction import transposed_product
 
-# Rows at or below which the forward is one launch that recomputes xa in every column block.
+# Rows at or below which the fused forward is one launch that recomputes xa per column block.
 SMALL_M = 16
 
 
-def _configs(shapes, extra=None, prune_rank=True):
-    """triton.Configs from (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) tuples."""
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **(extra or {})},
-            num_stages=stages,
-            num_warps=warps,
-        )
-        for bm, bn, bk, stages, warps in shapes
-    ]
+def _rows_footprint(values: dict) -> configs.Footprint:
+    """_down_kernel and _grad_xa_kernel: a [BLOCK_M, BLOCK_R] result, BLOCK_K a step."""
+    m, k, r = values["BLOCK_M"], values["BLOCK_K"], values["BLOCK_R"]
+    return configs.Footprint(accumulators=m * r, stage=m * k + k * r)
 
 
-# GEMM tiles for Ampere (A100) and Hopper (H100): the usual large-tile bf16 configurations.
-_GEMM = _configs(
-    [
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 8),
-        (128, 128, 64, 3, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-        (64, 64, 64, 4, 4),
-    ],
-    {"GROUP_M": 8},
+def _forward_footprint(values: dict) -> configs.Footprint:
+    m, n, k, r = (values[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"))
+    with_xa = values["COMPUTE_XA"]
+    main_loop = 0 if values["BASE_IN_Y"] else m * k + k * n + (k * r if with_xa else 0)
+    return configs.Footprint(
+        accumulators=m * n + (m * r if with_xa else 0), stage=main_loop, epilogue=m * r + r * n
+    )
+
+
+def _grad_x_footprint(values: dict) -> configs.Footprint:
+    m, n, k, r = (values[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"))
+    main_loop = 0 if values["BASE_IN_DX"] else m * n + n * k
+    lora = m * k if values["HAS_DROPOUT"] else 0
+    return configs.Footprint(accumulators=m * k + lora, stage=main_loop, epilogue=m * r + r * k)
+
+
+def _prune(footprint, operand, *fitted):
+    return {"early_config_prune": configs.pruner(footprint, operand, fitted)}
+
+
+@autotuned(
+    configs.make(configs.ROW_SHAPES, names=("BLOCK_M", "BLOCK_K")),
+    key=["K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"],
+    prune_configs_by=_prune(_rows_footprint, "x_ptr", "BLOCK_M:M"),
 )
-_SMALL_M = _configs(
-    [(16, n, k, s, 4) for n in (32, 64, 128) for k in (64, 128, 256) for s in (3, 4)],
-    {"GROUP_M": 1},
-)
-_ROWS = _configs(
-    [
-        (m, n, k, s, w)
-        for m in (32, 64, 128)
-        for n, k in ((64, 64), (128, 128))
-        for s, w in ((3, 4), (4, 8))
-    ]
-)
-
-
-def _fits_rank(configs, named_args, **kwargs):
-    """Drop tiles whose [BLOCK_M, BLOCK_R] float32 low-rank tile would spill registers."""
-    rank_tile = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
-    fitting = [c for c in configs if c.kwargs["BLOCK_M"] * rank_tile <= 128 * 128]
-    return fitting or configs[-1:]
-
-
-_PRUNE = {"early_config_prune": _fits_rank}
-
-
-@autotuned(_ROWS, key=["K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"], prune_configs_by=_PRUNE)
 @triton.jit
 def _down_kernel(
     x_ptr, a_ptr, xa_ptr, seed_ptr,
@@ -97,11 +89,11 @@ def _down_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak,
     dropout_p, dropout_scale,
     HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """xa[M, R] = drop(x) A^T / (1 - p), float32. One program per BLOCK_M rows."""
+    """xa[:, chunk] = drop(x) A[chunk]^T / (1 - p), float32. Program (row block, rank chunk)."""
     rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_m = rm < M
     mask_r = rr < R
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
@@ -112,27 +104,28 @@ def _down_kernel(
         x = load_tile(x_ptr, rm, rk, stride_xm, stride_xk, mask_m, mask_k)
         if HAS_DROPOUT:
             x = drop(x, seed, rm, rk, K, dropout_p)
-        a = load_tile(a_ptr, rk, rr, stride_ak, stride_ar, mask_k, mask_r).to(x.dtype)
+        a = load_tile(a_ptr, rk, rr, stride_ak, stride_ar, mask_k, mask_r)
         xa = mma(x, a, xa, PRECISION)
-    if HAS_DROPOUT:
-        xa = xa * dropout_scale
-    tl.store(xa_ptr + rm[:, None] * R + rr[None, :], xa, mask=mask_m[:, None] & mask_r[None, :])
+    xa_mask = mask_m[:, None] & mask_r[None, :]
+    tl.store(xa_ptr + rm[:, None] * R + rr[None, :], xa * dropout_scale, mask=xa_mask)
 
 
 @triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xa_ptr, y_ptr, seed_ptr,
     M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bias,
+    stride_ar, stride_ak, stride_bn, stride_br,
     scaling, dropout_p, dropout_scale,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_XA: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BASE_IN_Y: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """y[M, N] = x W^T + b + scaling * xa B^T, one program per [BLOCK_M, BLOCK_N] tile.
 
-    COMPUTE_XA: also accumulate xa = drop(x) A^T from the x tiles of the main loop (and store
-    it from the first column of programs); else read the xa that _down_kernel wrote.
+    COMPUTE_XA (rank of one chunk): also accumulate xa = drop(x) A^T from the x tiles of the
+    main loop (stored by the first column of programs); else read the xa _down_kernel wrote.
+    BASE_IN_Y: y already holds x W^T + b (cuBLAS's); only add the low-rank product.
     """
     pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -140,116 +133,115 @@ def _forward_kernel(
     rr = tl.arange(0, BLOCK_R)
     mask_m = rm < M
     mask_n = rn < N
-    mask_r = rr < R
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    xa = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    seed = tl.load(seed_ptr) if HAS_DROPOUT and COMPUTE_XA else 0
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        mask_k = rk < K
-        x = load_tile(x_ptr, rm, rk, stride_xm, stride_xk, mask_m, mask_k)
-        w = load_tile(w_ptr, rk, rn, stride_wk, stride_wn, mask_k, mask_n)
-        acc = mma(x, w, acc, PRECISION)
-        if COMPUTE_XA:
-            if HAS_DROPOUT:
-                x = drop(x, seed, rm, rk, K, dropout_p)
-            a = load_tile(a_ptr, rk, rr, stride_ak, stride_ar, mask_k, mask_r).to(x.dtype)
-            xa = mma(x, a, xa, PRECISION)
-    xa_offsets = rm[:, None] * R + rr[None, :]
-    xa_mask = mask_m[:, None] & mask_r[None, :]
-    if COMPUTE_XA:
-        if HAS_DROPOUT:
-            xa = xa * dropout_scale
-        if pid_n == 0:
-            tl.store(xa_ptr + xa_offsets, xa, mask=xa_mask)
-    else:
-        xa = tl.load(xa_ptr + xa_offsets, mask=xa_mask, other=0.0)
-    b = load_tile(b_ptr, rr, rn, stride_br, stride_bn, mask_r, mask_n).to(tl.float32)
-    acc = mma(xa * scaling, b, acc, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_offsets = rm[:, None] * N + rn[None, :]
     y_mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    if BASE_IN_Y:
+        acc = tl.load(y_ptr + y_offsets, mask=y_mask, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        seed = tl.load(seed_ptr) if HAS_DROPOUT and COMPUTE_XA else 0
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mask_k = rk < K
+            x = load_tile(x_ptr, rm, rk, stride_xm, stride_xk, mask_m, mask_k)
+            w = load_tile(w_ptr, rk, rn, stride_wk, stride_wn, mask_k, mask_n)
+            acc = mma(x, w, acc, PRECISION)
+            if COMPUTE_XA:
+                if HAS_DROPOUT:
+                    x = drop(x, seed, rm, rk, K, dropout_p)
+                a = load_tile(a_ptr, rk, rr, stride_ak, stride_ar, mask_k, rr < R)
+                xa = mma(x, a, xa, PRECISION)
+        if HAS_BIAS:
+            acc += load_vector(bias_ptr, rn, stride_bias, mask_n)[None, :]
+    if COMPUTE_XA:
+        xa = xa * dropout_scale
+        xa_mask = mask_m[:, None] & (rr < R)[None, :]
+        if pid_n == 0:
+            tl.store(xa_ptr + rm[:, None] * R + rr[None, :], xa, mask=xa_mask)
+        b = load_tile(b_ptr, rr, rn, stride_br, stride_bn, rr < R, mask_n)
+        acc = mma(xa * scaling, b.to(tl.float32), acc, PRECISION)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            chunk = r0 + rr
+            mask_r = chunk < R
+            xa_mask = mask_m[:, None] & mask_r[None, :]
+            xa = tl.load(xa_ptr + rm[:, None] * R + chunk[None, :], mask=xa_mask, other=0.0)
+            b = load_tile(b_ptr, chunk, rn, stride_br, stride_bn, mask_r, mask_n)
+            acc = mma(xa * scaling, b.to(tl.float32), acc, PRECISION)
+    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+_FORWARD_KEY = ["N", "K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"]
 _forward_large = autotuned(
-    _GEMM, key=["N", "K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"], prune_configs_by=_PRUNE
+    configs.GEMM,
+    key=_FORWARD_KEY,
+    prune_configs_by=_prune(_forward_footprint, "x_ptr", "BLOCK_N:N", "BLOCK_K:K"),
 )(_forward_kernel)
-_forward_small = autotuned(_SMALL_M, key=["N", "K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"])(
-    _forward_kernel
-)
+_forward_small = autotuned(
+    configs.SMALL_M,
+    key=_FORWARD_KEY,
+    prune_configs_by=_prune(_forward_footprint, "x_ptr", "BLOCK_N:N", "BLOCK_K:K"),
+)(_forward_kernel)
+_add_low_rank = autotuned(
+    configs.make(configs.TILE_SHAPES, names=("BLOCK_M", "BLOCK_N"), extra={"GROUP_M": 8}),
+    key=["N", "R", "BLOCK_R", "M_BUCKET"],
+    prune_configs_by=_prune(_forward_footprint, "y_ptr", "BLOCK_M:M", "BLOCK_N:N"),
+)(_forward_kernel)
 
 
 @autotuned(
-    _ROWS,
-    key=["N", "BLOCK_R", "NEED_DB", "M_BUCKET"],
-    prune_configs_by=_PRUNE,
-    reset_to_zero=["db_ptr"],
+    configs.make(configs.ROW_SHAPES, names=("BLOCK_M", "BLOCK_K")),
+    key=["N", "BLOCK_R", "M_BUCKET"],
+    prune_configs_by=_prune(_rows_footprint, "dy_ptr", "BLOCK_M:M"),
 )
 @triton.jit
-def _grad_out_kernel(
-    dy_ptr, b_ptr, xa_ptr, dxa_ptr, db_ptr,
+def _grad_xa_kernel(
+    dy_ptr, b_ptr, dxa_ptr,
     M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_bn, stride_br,
-    scaling,
-    NEED_DB: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    scale,
+    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One pass over dY per BLOCK_M rows: dxa = scaling * dY B (float32, stored), and
-    dY^T xa added into the float32 buffer db (the launcher applies scaling)."""
+    """dxa[:, chunk] = scale * dY B[:, chunk] (float32), BLOCK_K columns of dY a step.
+    Program (row block, rank chunk)."""
     rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_m = rm < M
     mask_r = rr < R
-    xa_offsets = rm[:, None] * R + rr[None, :]
-    xa_mask = mask_m[:, None] & mask_r[None, :]
-    if NEED_DB:
-        xa = tl.load(xa_ptr + xa_offsets, mask=xa_mask, other=0.0)
     dxa = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
+    for n0 in range(0, N, BLOCK_K):
+        rn = n0 + tl.arange(0, BLOCK_K)
         mask_n = rn < N
         dy = load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, mask_m, mask_n)
-        b = load_tile(b_ptr, rn, rr, stride_bn, stride_br, mask_n, mask_r).to(dy.dtype)
+        b = load_tile(b_ptr, rn, rr, stride_bn, stride_br, mask_n, mask_r)
         dxa = mma(dy, b, dxa, PRECISION)
-        if NEED_DB:
-            partial = mma(tl.trans(dy.to(tl.float32)), xa, None, PRECISION)
-            db_offsets = rn[:, None] * R + rr[None, :]
-            tl.atomic_add(db_ptr + db_offsets, partial, mask=mask_n[:, None] & mask_r[None, :])
-    tl.store(dxa_ptr + xa_offsets, dxa * scaling, mask=xa_mask)
+    dxa_mask = mask_m[:, None] & mask_r[None, :]
+    tl.store(dxa_ptr + rm[:, None] * R + rr[None, :], dxa * scale, mask=dxa_mask)
 
 
-@autotuned(
-    _GEMM,
-    key=["N", "K", "BLOCK_R", "NEED_DX", "NEED_DA", "HAS_DROPOUT", "M_BUCKET"],
-    prune_configs_by=_PRUNE,
-    reset_to_zero=["da_ptr"],
-)
 @triton.jit
-def _grad_in_kernel(
-    dy_ptr, w_ptr, a_ptr, x_ptr, dxa_ptr, dx_ptr, da_ptr, seed_ptr,
+def _grad_x_kernel(
+    dy_ptr, w_ptr, a_ptr, dxa_ptr, dx_ptr, seed_ptr,
     M, N, K, R, M_BUCKET,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_xm, stride_xk,
-    dropout_p, dropout_scale,
-    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
+    dropout_p,
+    HAS_DROPOUT: tl.constexpr, BASE_IN_DX: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """Per [BLOCK_M, BLOCK_K] tile of x: dX = dY W + drop'(dxa A) (NEED_DX), and
-    dxa^T drop(x) added into the float32 buffer da (NEED_DA). The reduction over N runs in
-    BLOCK_N steps."""
+    """dX = dY W + drop'(dxa A) per [BLOCK_M, BLOCK_K] tile (dxa carries s / (1 - p)); with
+    BASE_IN_DX, dX already holds dY W (cuBLAS's) and only the low-rank term is added."""
     pid_m, pid_k = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rk = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R)
     mask_m = rm < M
     mask_k = rk < K
-    mask_r = rr < R
-    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
-    dxa = tl.load(
-        dxa_ptr + rm[:, None] * R + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0
-    )
-    if NEED_DX:
+    dx_offsets = rm[:, None] * K + rk[None, :]
+    dx_mask = mask_m[:, None] & mask_k[None, :]
+    if BASE_IN_DX:
+        acc = tl.load(dx_ptr + dx_offsets, mask=dx_mask, other=0.0).to(tl.float32)
+    else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
         for n0 in range(0, N, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
@@ -257,21 +249,32 @@ def _grad_in_kernel(
             dy = load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, mask_m, mask_n)
             w = load_tile(w_ptr, rn, rk, stride_wn, stride_wk, mask_n, mask_k)
             acc = mma(dy, w, acc, PRECISION)
-        a = load_tile(a_ptr, rr, rk, stride_ar, stride_ak, mask_r, mask_k).to(tl.float32)
-        lora = mma(dxa, a, None, PRECISION)
-        if HAS_DROPOUT:
-            lora = drop(lora, seed, rm, rk, K, dropout_p) * dropout_scale
-        acc += lora
-        dx_mask = mask_m[:, None] & mask_k[None, :]
-        dx_offsets = rm[:, None] * K + rk[None, :]
-        tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
-    if NEED_DA:
-        x = load_tile(x_ptr, rm, rk, stride_xm, stride_xk, mask_m, mask_k).to(tl.float32)
-        if HAS_DROPOUT:
-            x = drop(x, seed, rm, rk, K, dropout_p) * dropout_scale
-        partial = mma(tl.trans(dxa), x, None, PRECISION)
-        da_offsets = rr[:, None] * K + rk[None, :]
-        tl.atomic_add(da_ptr + da_offsets, partial, mask=mask_r[:, None] & mask_k[None, :])
+    lora = tl.zeros((BLOCK_M, BLOCK_K), tl.float32) if HAS_DROPOUT else acc
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        mask_r = rr < R
+        dxa_mask = mask_m[:, None] & mask_r[None, :]
+        dxa = tl.load(dxa_ptr + rm[:, None] * R + rr[None, :], mask=dxa_mask, other=0.0)
+        a = load_tile(a_ptr, rr, rk, stride_ar, stride_ak, mask_r, mask_k)
+        lora = mma(dxa, a.to(tl.float32), lora, PRECISION)
+    if HAS_DROPOUT:
+        acc += drop(lora, tl.load(seed_ptr), rm, rk, K, dropout_p)
+    else:
+        acc = lora
+    tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+
+
+_GRAD_X_KEY = ["N", "K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"]
+_grad_x_fused = autotuned(
+    configs.GEMM,
+    key=_GRAD_X_KEY,
+    prune_configs_by=_prune(_grad_x_footprint, "dy_ptr", "BLOCK_N:N", "BLOCK_K:K"),
+)(_grad_x_kernel)
+_add_low_rank_grad = autotuned(
+    configs.make(configs.TILE_SHAPES, names=("BLOCK_M", "BLOCK_K"), extra={"GROUP_M": 8}),
+    key=["K", "R", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"],
+    prune_configs_by=_prune(_grad_x_footprint, "dx_ptr", "BLOCK_M:M", "BLOCK_K:K"),
+)(_grad_x_kernel)
 
 
 @triton.jit
@@ -293,8 +296,15 @@ def _weight_strides(weight: torch.Tensor, fan_in_fan_out: bool) -> tuple[int, in
 
 def _dropout_arguments(seed: torch.Tensor | None, dropout_p: float, device: torch.device):
     if seed is None:
-        return torch.zeros((), dtype=torch.int64, device=device), 0.0, 1.0
+        return unused_seed(device), 0.0, 1.0
     return seed, dropout_p, 1.0 / (1.0 - dropout_p)
+
+
+def _paths(dtype: torch.dtype) -> tuple[str, ...]:
+    """The forward and dX paths that can run `dtype`: float32 with TF32 off only composes."""
+    if dot_precision(dtype) == "ieee":
+        return ("composed",)
+    return dispatch.PATHS
 
 
 def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, ...], p: float) -> torch.Tensor:
@@ -309,6 +319,56 @@ def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, ...], p: float) -> t
     return keep.bool().view(shape)
 
 
+def _down(x2d, lora_A, seed, dropout_p, dropout_scale, chunk):
+    """xa = drop(x) A^T / (1 - p), [M, r] float32."""
+    m, k = x2d.shape
+    rank = lora_A.shape[0]
+    xa = torch.empty((m, rank), dtype=torch.float32, device=x2d.device)
+    launch(
+        _down_kernel,
+        row_block_grid(m, triton.cdiv(rank, chunk)),
+        x2d, lora_A, xa, seed,
+        m, k, rank, m_bucket(m),
+        *x2d.stride(), *lora_A.stride(),
+        dropout_p, dropout_scale,
+        HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x2d.dtype), BLOCK_R=chunk,
+    )  # fmt: skip
+    return xa
+
+
+def _forward(path, x2d, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out):
+    """(y, xa) of the forward by `path`, "fused" or "composed"."""
+    m, k = x2d.shape
+    rank, n = lora_A.shape[0], lora_B.shape[0]
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+    chunk = block_r(rank)
+    one_launch = path == "fused" and m <= SMALL_M and rank <= chunk
+    if one_launch:
+        xa = torch.empty((m, rank), dtype=torch.float32, device=x2d.device)
+    else:
+        xa = _down(x2d, lora_A, seed, dropout_p, dropout_scale, chunk)
+    if path == "composed":
+        y = torch.nn.functional.linear(x2d, base_weight(weight, fan_in_fan_out), bias)
+        kernel, bias = _add_low_rank, None
+    else:
+        y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+        kernel = _forward_small if m <= SMALL_M else _forward_large
+    extra = {"BLOCK_K": 16} if path == "composed" else {}
+    launch(
+        kernel,
+        tile_grid(m, n),
+        x2d, weight, y if bias is None else bias, lora_A, lora_B, xa, y, seed,
+        m, n, k, rank, m_bucket(m),
+        *x2d.stride(), *_weight_strides(weight, fan_in_fan_out),
+        0 if bias is None else bias.stride(0), *lora_A.stride(), *lora_B.stride(),
+        scaling, dropout_p, dropout_scale,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, COMPUTE_XA=one_launch,
+        BASE_IN_Y=path == "composed", PRECISION=dot_precision(x2d.dtype), BLOCK_R=chunk,
+        **extra,
+    )  # fmt: skip
+    return y, xa
+
+
 def lora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -320,44 +380,45 @@ def lora_forward(
     dropout_p: float,
     fan_in_fan_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, xa): the fused forward; see the module docstring."""
+    """(y, xa): the forward; see the module docstring."""
     k = x.shape[-1]
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
-    rank = lora_A.shape[0]
-    n = lora_B.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    xa = torch.empty((m, rank), dtype=torch.float32, device=x.device)
-    seed, dropout_p, dropout_scale = _dropout_arguments(seed, dropout_p, x.device)
-    common = {
-        "HAS_DROPOUT": dropout_p > 0,
-        "PRECISION": dot_precision(x.dtype),
-        "BLOCK_R": block_r(rank),
-    }
-    small = m <= SMALL_M
-    if not small and m > 0:
-        launch(
-            _down_kernel,
-            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
-            x2d, lora_A, xa, seed,
-            m, k, rank, m_bucket(m),
-            *x2d.stride(), *lora_A.stride(),
-            dropout_p, dropout_scale,
-            **common,
-        )  # fmt: skip
-    if m > 0:
-        launch(
-            _forward_small if small else _forward_large,
-            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
-            x2d, weight, bias if bias is not None else y, lora_A, lora_B, xa, y, seed,
-            m, n, k, rank, m_bucket(m),
-            *x2d.stride(), *_weight_strides(weight, fan_in_fan_out), *lora_A.stride(),
-            *lora_B.stride(),
-            scaling, dropout_p, dropout_scale,
-            HAS_BIAS=bias is not None, COMPUTE_XA=small, **common,
-        )  # fmt: skip
+    rank, n = lora_A.shape[0], lora_B.shape[0]
     leading = x.shape[:-1]
+    if m == 0:
+        y = x.new_empty((*leading, n))
+        return y, x.new_empty((*leading, rank), dtype=torch.float32)
+    seed, dropout_p, _ = _dropout_arguments(seed, dropout_p, x.device)
+    arguments = (x2d, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out)
+    key = ("lora_forward", x.device, x.dtype, n, k, rank, m_bucket(m), dropout_p > 0)
+    candidates = {path: lambda path=path: _forward(path, *arguments) for path in _paths(x.dtype)}
+    y, xa = _forward(dispatch.choose(key, x.device, candidates), *arguments)
     return y.view(*leading, n), xa.view(*leading, rank)
+
+
+def _grad_x(path, grad2d, weight, lora_A, dxa, seed, dropout_p, fan_in_fan_out):
+    """dX = dY W + drop'(dxa A) by `path`, "fused" or "composed"."""
+    m, n = grad2d.shape
+    rank, k = lora_A.shape
+    if path == "composed":
+        grad_x = grad2d @ base_weight(weight, fan_in_fan_out)
+        kernel, extra = _add_low_rank_grad, {"BLOCK_N": 16}
+    else:
+        grad_x = torch.empty((m, k), dtype=grad2d.dtype, device=grad2d.device)
+        kernel, extra = _grad_x_fused, {}
+    launch(
+        kernel,
+        tile_grid(m, k, "BLOCK_K"),
+        grad2d, weight, lora_A, dxa, grad_x, seed,
+        m, n, k, rank, m_bucket(m),
+        *grad2d.stride(), *_weight_strides(weight, fan_in_fan_out), *lora_A.stride(),
+        dropout_p,
+        HAS_DROPOUT=dropout_p > 0, BASE_IN_DX=path == "composed",
+        PRECISION=dot_precision(grad2d.dtype), BLOCK_R=block_r(rank),
+        **extra,
+    )  # fmt: skip
+    return grad_x
 
 
 def lora_backward(
@@ -380,42 +441,39 @@ def lora_backward(
     grad2d = grad_y.reshape(-1, grad_y.shape[-1])
     m, n = grad2d.shape
     rank = lora_A.shape[0]
+    grad_weight, grad_bias = base_grads(grad2d, x2d, fan_in_fan_out, need_weight, need_bias)
+    if m == 0:
+        grad_x, grad_A, grad_B = (
+            torch.zeros_like(tensor) if needed else None
+            for tensor, needed in ((x, need_x), (lora_A, need_A), (lora_B, need_B))
+        )
+        return grad_x, grad_weight, grad_bias, grad_A, grad_B
     seed, dropout_p, dropout_scale = _dropout_arguments(seed, dropout_p, x.device)
     grad_x = grad_A = grad_B = None
-    precision = dot_precision(x.dtype)
-    if (need_x or need_A or need_B) and m > 0:
+    if need_B:
+        product, _ = transposed_product(grad2d, xa.reshape(m, rank), scale=scaling)
+        grad_B = product.to(lora_B.dtype)
+    if need_x or need_A:
+        chunk = block_r(rank)
         grad_xa = torch.empty((m, rank), dtype=torch.float32, device=x.device)
-        grad_B32 = torch.zeros((n, rank), dtype=torch.float32, device=x.device)
         launch(
-            _grad_out_kernel,
-            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
-            grad2d, lora_B, xa, grad_xa, grad_B32,
+            _grad_xa_kernel,
+            row_block_grid(m, triton.cdiv(rank, chunk)),
+            grad2d, lora_B, grad_xa,
             m, n, rank, m_bucket(m),
             *grad2d.stride(), *lora_B.stride(),
-            scaling,
-            NEED_DB=need_B, PRECISION=precision, BLOCK_R=block_r(rank),
+            scaling * dropout_scale,
+            PRECISION=dot_precision(x.dtype), BLOCK_R=chunk,
         )  # fmt: skip
-        if need_B:
-            grad_B = (grad_B32 * scaling).to(lora_B.dtype)
-        if need_x or need_A:
-            grad_A32 = torch.zeros((rank, k), dtype=torch.float32, device=x.device)
-            grad_x = torch.empty((m, k), dtype=x.dtype, device=x.device) if need_x else None
-            launch(
-                _grad_in_kernel,
-                lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),),
-                grad2d, weight, lora_A, x2d, grad_xa, grad_x if need_x else x2d, grad_A32, seed,
-                m, n, k, rank, m_bucket(m),
-                *grad2d.stride(), *_weight_strides(weight, fan_in_fan_out), *lora_A.stride(),
-                *x2d.stride(),
-                dropout_p, dropout_scale,
-                NEED_DX=need_x, NEED_DA=need_A, HAS_DROPOUT=dropout_p > 0,
-                PRECISION=precision, BLOCK_R=block_r(rank),
-            )  # fmt: skip
-            grad_x = grad_x.view(x.shape) if need_x else None
-            grad_A = grad_A32.to(lora_A.dtype) if need_A else None
-    elif m == 0:
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_A = torch.zeros_like(lora_A) if need_A else None
-        grad_B = torch.zeros_like(lora_B) if need_B else None
-    grad_weight, grad_bias = base_grads(grad2d, x2d, fan_in_fan_out, need_weight, need_bias)
+        if need_A:
+            transform = "dropout" if dropout_p > 0 else "none"
+            product, _ = transposed_product(
+                grad_xa, x2d, transform=transform, seed=seed, dropout_p=dropout_p
+            )
+            grad_A = product.to(lora_A.dtype)
+        if need_x:
+            arguments = (grad2d, weight, lora_A, grad_xa, seed, dropout_p, fan_in_fan_out)
+            key = ("lora_grad_x", x.device, x.dtype, n, k, rank, m_bucket(m), dropout_p > 0)
+            candidates = {p: lambda p=p: _grad_x(p, *arguments) for p in _paths(x.dtype)}
+            grad_x = _grad_x(dispatch.choose(key, x.device, candidates), *arguments).view(x.shape)
     return grad_x, grad_weight, grad_bias, grad_A, grad_B
