@@ -1,12 +1,17 @@
 """The `fastdelta` command (also `python -m fastdelta`).
 
+    fastdelta doctor [--json PATH] [--no-bench] [--bench-seconds 60] [--max-seconds 900]
+    fastdelta build-ext
     fastdelta inspect MODEL_DIR_OR_CONFIG [--delta lora --modified-modules q_proj v_proj]
     fastdelta bench [--quick] [--device cuda] [-- PYTEST_ARGS ...]
 
-`inspect` prints a model's structure graph from its config alone: the model is built on the
-meta device, so no weights are read or downloaded and a 70B config takes no memory. `bench`
-runs the benchmark suite of a fastdelta repository (its `benchmarks/` folder, which an
-installed wheel does not hold) and writes the report to `benchmarks/results/`.
+`doctor` checks this machine: devices, versions, backends, the kernels on each GPU, a short
+benchmark (see fastdelta.doctor); run it first on a GPU, and paste its JSON into a bug report.
+`build-ext` builds the C++ extension of the cpp backend into the cache directory, so that no
+first forward waits for it. `inspect` prints a model's structure graph from its config alone:
+the model is built on the meta device, so no weights are read or downloaded and a 70B config
+takes no memory. `bench` runs the benchmark suite of a fastdelta repository (its `benchmarks/`
+folder, which an installed wheel does not hold) and writes the report to `benchmarks/results/`.
 """
 
 from __future__ import annotations
@@ -178,12 +183,83 @@ def run_inspect(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def run_doctor(arguments: argparse.Namespace) -> int:
+    """Print the doctor's report (and write its JSON); 1 when a check failed."""
+    from fastdelta import doctor
+
+    if arguments.bench_seconds <= 0 or arguments.max_seconds <= 0:
+        raise CommandError("--bench-seconds and --max-seconds take a positive number of seconds")
+    report = doctor.collect(
+        benchmark=arguments.bench,
+        bench_seconds=arguments.bench_seconds,
+        max_seconds=arguments.max_seconds,
+        progress=doctor.progress_to_stderr,
+    )
+    print(doctor.render(report))
+    if arguments.json:
+        arguments.json.parent.mkdir(parents=True, exist_ok=True)
+        arguments.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nThe report is in {arguments.json}; paste it into a bug report.")
+    return 1 if report["summary"]["failed"] else 0
+
+
+def run_build_ext(arguments: argparse.Namespace) -> int:
+    """Build (or find) the C++ extension; 1 with the reason when it cannot be built."""
+    from fastdelta.ops import _extension
+
+    settings = _extension.build_settings()
+    print(f"fastdelta build-ext: building fastdelta's C++ extension ({settings.key}) if needed")
+    reason = _extension.unavailable_reason()
+    if reason:
+        print(f"fastdelta build-ext: error: {reason}", file=sys.stderr)
+        return 1
+    library = _extension.built_library(settings)
+    kernels = "CPU and CUDA kernels" if settings.with_cuda else "CPU kernels only"
+    print(f"fastdelta build-ext: built, with {kernels}: {library}")
+    if settings.no_cuda_reason:
+        print(f"fastdelta build-ext: no CUDA kernels because {settings.no_cuda_reason}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the `fastdelta` command."""
     main_parser = argparse.ArgumentParser(
-        prog="fastdelta", description="fastdelta's command line: inspect models, benchmark."
+        prog="fastdelta",
+        description="fastdelta's command line: check the machine, build the C++ extension, "
+        "inspect models, benchmark.",
     )
     commands = main_parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    doctor = commands.add_parser(
+        "doctor",
+        help="check this machine: devices, backends, the kernels on each GPU, a short benchmark",
+        description="List the devices, versions and backends (and why a backend cannot run), "
+        "check every kernel variant of a representative set against the reference on each "
+        "CUDA GPU (and on the CPU under TRITON_INTERPRET=1), run the public ops against the "
+        "reference, and time headline shapes against the floor and PEFT. Exit status 1 when "
+        "a check failed.",
+    )
+    doctor.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    doctor.add_argument("--no-bench", dest="bench", action="store_false", help="skip the benchmark")
+    doctor.add_argument(
+        "--bench-seconds",
+        type=float,
+        default=60.0,
+        help="time the benchmark takes, about (default: 60)",
+    )
+    doctor.add_argument(
+        "--max-seconds",
+        type=float,
+        default=900.0,
+        help="stop starting kernel checks after this long; the rest are reported as skipped "
+        "(default: 900)",
+    )
+    commands.add_parser(
+        "build-ext",
+        help="build the C++ extension of the cpp backend now (a minute or two, once)",
+        description="Build fastdelta's C++/CUDA extension into the cache directory "
+        "($FASTDELTA_CACHE/ext, by default ~/.cache/fastdelta/ext), where every later process "
+        "finds it. Needs a C++ compiler and ninja (and nvcc for the CUDA kernels).",
+    )
     inspect = commands.add_parser(
         "inspect",
         help="print a model's structure graph from its config (no weights)",
@@ -228,7 +304,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fastdelta` console command; returns the exit status."""
     arguments = parser().parse_args(argv)
-    run = run_inspect if arguments.command == "inspect" else run_bench
+    commands = {
+        "doctor": run_doctor,
+        "build-ext": run_build_ext,
+        "inspect": run_inspect,
+        "bench": run_bench,
+    }
+    run = commands[arguments.command]
     try:
         return run(arguments)
     except CommandError as error:

@@ -10,6 +10,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests check the kernels themselves. First-use verification (fastdelta.ops.verification,
+# on by default on CUDA) would move a wrong kernel's variant to another backend, and a test of
+# that kernel would then pass on the other backend's results; test_verification.py turns it on.
+os.environ.setdefault("FASTDELTA_VERIFY", "0")
+
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 # The test models are tiny: extra OpenMP threads only contend for this machine's two cores

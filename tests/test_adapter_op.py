@@ -308,7 +308,8 @@ def test_float64_is_float64_exact(use_backend, backend_name):
     for name, value in got.items():
         assert value.dtype == torch.float64, name
         torch.testing.assert_close(value, expected[name], rtol=1e-12, atol=1e-12)
-    _, pre = torch.ops.fastdelta.adapter_bottleneck(*(inputs[name] for name in NAMES), 0.5, "gelu")
+    tensors = (inputs[name] for name in NAMES)
+    _, pre = torch.ops.fastdelta.adapter_bottleneck(*tensors, 0.5, "gelu", backend_name)
     assert pre.dtype == torch.float64 and pre.shape == (3, 4, 8)
 
 
@@ -578,7 +579,7 @@ def test_opcheck(backend, m, d_out, bottleneck, bias):
     inputs = make_inputs(m, 9, d_out or 9, bottleneck, F32, bias=bias, parallel=parallel, seed=13)
     tensors = [None if inputs[n] is None else inputs[n].requires_grad_() for n in NAMES]
     torch.library.opcheck(
-        torch.ops.fastdelta.adapter_bottleneck.default, (*tensors, 0.5, "gelu_new")
+        torch.ops.fastdelta.adapter_bottleneck.default, (*tensors, 0.5, "gelu_new", backend)
     )
 
 
@@ -591,9 +592,11 @@ def test_opcheck_backward_op(backend, sequential, bottleneck, needs):
     inputs = make_inputs(4, 9, 9 if sequential else 6, bottleneck, F32, parallel=not sequential)
     h, down_weight, down_bias, up_weight, up_bias, residual = (inputs[n] for n in NAMES)
     _, pre = torch.ops.fastdelta.adapter_bottleneck(
-        h, down_weight, down_bias, up_weight, up_bias, residual, 0.5, "silu"
+        h, down_weight, down_bias, up_weight, up_bias, residual, 0.5, "silu", backend
     )
-    args = (inputs["grad"], h, down_weight, up_weight, pre, 0.5, "silu", sequential, *needs)
+    biases = (down_bias is not None, up_bias is not None)
+    args = (inputs["grad"], h, down_weight, up_weight, pre, 0.5, "silu", sequential, *biases)
+    args = (*args, backend, *needs)
     torch.library.opcheck(torch.ops.fastdelta.adapter_bottleneck_backward.default, args)
 
 
@@ -635,6 +638,33 @@ def test_torch_compile_fullgraph_matches_eager(backend, parallel):
     expected = forward_backward(module, inputs["h"], inputs["residual"])
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("path", ["eager", "custom_op", "compiled"])
+def test_the_backward_runs_on_its_forwards_backend(backend, path, monkeypatch):
+    """The backend is chosen once per forward: a set_backend() between a forward and its
+    backward does not reach that backward."""
+    other = next(name for name in BACKENDS if name != backend and not unavailable_reason(name))
+    calls = []
+    for name in (backend, other):
+        for function in ("adapter_forward", "adapter_backward"):
+            original = getattr(backend_module(name), function)
+
+            def spy(*args, _original=original, _call=(name, function)):
+                calls.append(_call)
+                return _original(*args)
+
+            monkeypatch.setattr(backend_module(name), function, spy)
+    if path != "eager":
+        monkeypatch.setattr(ops, "eager_path", lambda *tensors: False)
+    module = Bottleneck()
+    torch._dynamo.reset()
+    call = torch.compile(module, fullgraph=True) if path == "compiled" else module
+    out = call(make_inputs((2, 5), 12, 12, 8, F32, seed=15)["h"].requires_grad_())
+    set_backend(other)
+    out.sum().backward()
+    assert calls == [(backend, "adapter_forward"), (backend, "adapter_backward")]
     torch._dynamo.reset()
 
 

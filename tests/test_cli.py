@@ -1,15 +1,22 @@
 """The `fastdelta` command: `inspect` builds a model from a local config only, `bench` finds the
-repository's benchmark suite or says why not."""
+repository's benchmark suite or says why not, `doctor` reports the machine (devices, backends
+and why, the kernels' checks, a short benchmark) and `build-ext` builds the C++ extension."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
 import pytest
+import torch
 from tiny_models import tiny_config
 
+import fastdelta.kernels
 from fastdelta import cli
+from fastdelta.doctor import bench, checks, machine
+from fastdelta.ops import _extension, verdicts, verification
+from fastdelta.ops import backend as backend_selection
 
 
 @pytest.fixture
@@ -119,3 +126,139 @@ def test_bench_forwards_its_options_to_the_suite(monkeypatch, tmp_path):
     assert f"--output-dir={tmp_path}" in command
     assert command[-3:] == ["--", "-k", "peft"]
     assert (cwd / "benchmarks" / "run.py").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# doctor and build-ext
+
+
+@pytest.fixture
+def small_doctor(monkeypatch, tmp_path):
+    """The doctor on one LoRA and one adapter variant, in float32, with its own cache directory
+    and no verdicts known (as in a new process)."""
+    monkeypatch.setenv("FASTDELTA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(checks, "DTYPES", (torch.float32,))
+    monkeypatch.setattr(checks, "CPU_LORA", [(24, 20, 4, True, True, False, 9)])
+    monkeypatch.setattr(checks, "CPU_ADAPTER", [(24, 24, 8, "gelu_new", True, True, 9)])
+    monkeypatch.setattr(verification, "_routes", {})
+    monkeypatch.setattr(verdicts, "_verdicts", {})
+    monkeypatch.setattr(verdicts, "_environments", {})
+    return tmp_path
+
+
+def run_doctor(arguments, capsys):
+    status = cli.main(["doctor", *arguments])
+    return status, capsys.readouterr()
+
+
+def interpreted_triton() -> bool:
+    return backend_selection.unavailable_reason("triton", "cpu") is None
+
+
+def test_doctor_reports_the_machine_and_writes_its_json(small_doctor, capsys):
+    path = small_doctor / "report" / "doctor.json"
+    status, output = run_doctor(["--no-bench", "--json", str(path)], capsys)
+    assert status == 0, output.out
+    report = json.loads(path.read_text())
+    assert {"versions", "settings", "devices", "backends", "verification", "parity"} <= set(report)
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["devices"][0]["device"] == "cpu"
+    assert set(report["backends"]["cpu"]) == {"triton", "cpp", "torch", "runs_on"}
+    assert report["backends"]["cpu"]["torch"] == {"available": True, "reason": None}
+    assert report["backends"]["cpu"]["runs_on"] == {"float32": "torch"}
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in output.out and report["no_gpu"]
+    checked = report["verification"]
+    assert [r["variant"]["op"] for r in checked if r["backend"] == "triton"] == (
+        ["lora", "adapter"] if interpreted_triton() else []
+    )
+    assert all(r["result"] == "passed" and r["error"] is None for r in checked)
+    assert [(r["op"], r["result"]) for r in report["parity"]] == [
+        ("lora", "passed"),
+        ("adapter", "passed"),
+    ]
+    assert report["benchmark"] == [] and "skipped (--no-bench)" in output.out
+    assert "summary: all passed" in output.out
+    assert f"The report is in {path}" in output.out
+
+
+def test_doctor_says_why_a_backend_cannot_run_without_building_it(small_doctor, monkeypatch):
+    def refuse(*arguments):
+        pytest.fail("the doctor built the C++ extension")
+
+    monkeypatch.setattr(_extension, "PREBUILT_DIR", small_doctor / "package")
+    monkeypatch.setattr(_extension, "_state", _extension._NOT_TRIED)
+    monkeypatch.setattr(_extension, "_settings", None)
+    monkeypatch.setattr(_extension, "_compile", refuse)
+    monkeypatch.setattr(backend_selection, "_resolved", {})
+    for device in ("cpu", "cuda"):
+        cpp = machine.backends(torch.device(device), (torch.float32,))["cpp"]
+        assert not cpp["available"] and "not built yet" in cpp["reason"]
+        assert "`fastdelta build-ext`" in cpp["reason"]
+    if not torch.cuda.is_available():
+        triton = machine.backends(torch.device("cuda"), (torch.float32,))["triton"]
+        assert not triton["available"] and triton["reason"]
+
+
+@pytest.mark.skipif(not interpreted_triton(), reason="needs the triton kernels on the CPU")
+def test_doctor_shows_a_broken_kernel_as_failed(small_doctor, monkeypatch, capsys):
+    lora_forward = fastdelta.kernels.lora_forward
+
+    def wrong_output(*arguments):
+        y, xa = lora_forward(*arguments)
+        return y + 0.1, xa
+
+    monkeypatch.setattr(fastdelta.kernels, "lora_forward", wrong_output)
+    path = small_doctor / "doctor.json"
+    status, output = run_doctor(["--no-bench", "--json", str(path)], capsys)
+    assert status == 1
+    results = {
+        r["variant"]["op"]: r
+        for r in json.loads(path.read_text())["verification"]
+        if r["backend"] == "triton"
+    }
+    assert results["lora"]["result"] == "FAILED" and "output: max error" in results["lora"]["error"]
+    assert results["adapter"]["result"] == "passed"
+    assert "FAILED    triton lora on cpu" in output.out and "summary: 1 FAILED" in output.out
+
+
+def test_doctor_stops_checking_when_out_of_time(small_doctor, capsys):
+    path = small_doctor / "doctor.json"
+    run_doctor(["--no-bench", "--max-seconds", "1e-9", "--json", str(path)], capsys)
+    assert {r["result"] for r in json.loads(path.read_text())["verification"]} <= {"skipped"}
+
+
+def test_doctor_refuses_a_time_bound_that_is_not_positive(capsys):
+    assert cli.main(["doctor", "--bench-seconds", "0"]) == 2
+    assert "take a positive number of seconds" in capsys.readouterr().err
+
+
+def test_the_doctors_benchmark_times_the_floor_fastdelta_and_peft(monkeypatch):
+    small = [bench.Case("lora", 32, 4, 8), bench.Case("adapter", 32, 8, 1)]
+    monkeypatch.setattr(bench, "cases", lambda device: small)
+    records = bench.run([torch.device("cpu")], 0.5, lambda message: None)
+    providers = [(r["case"], r["provider"]) for r in records]
+    peft = [(small[0].name, "peft")] if importlib.util.find_spec("peft") else []
+    assert providers == [
+        (small[0].name, "floor"),
+        (small[0].name, "fastdelta"),
+        *peft,
+        (small[1].name, "floor"),
+        (small[1].name, "fastdelta"),
+    ]
+    for record in records:
+        assert record["step_ms"] > 0
+        assert record["backend"] == ("torch" if record["provider"] == "fastdelta" else None)
+        assert (record["vs_floor"] == 1.0) == (record["provider"] == "floor")
+
+
+def test_build_ext_builds_the_extension_or_says_why_not(monkeypatch, tmp_path, capsys):
+    library = tmp_path / "fastdelta_C.so"
+    monkeypatch.setattr(_extension, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(_extension, "built_library", lambda settings: library)
+    assert cli.main(["build-ext"]) == 0
+    output = capsys.readouterr().out
+    assert "built, with CPU" in output and str(library) in output
+    monkeypatch.setattr(_extension, "unavailable_reason", lambda: "no C++ compiler (test)")
+    assert cli.main(["build-ext"]) == 1
+    assert "fastdelta build-ext: error: no C++ compiler (test)" in capsys.readouterr().err

@@ -165,15 +165,20 @@ def check_against_reference(
     seed=None,
     keep_mask=None,
     x_view=None,
+    lora_linear=None,
+    after_forward=None,
 ):
-    """Run ops.lora_linear (whatever backend is set) and compare its output and gradients with
-    reference.lora_linear in float64 (and, for the tolerance, in `dtype`). Frozen tensors must
-    get no gradient."""
+    """Run `lora_linear` (by default ops.lora_linear, on whatever backend is set) and compare
+    its output and gradients with reference.lora_linear in float64 (and, for the tolerance, in
+    `dtype`). Frozen tensors must get no gradient. `after_forward` runs between the forward and
+    the backward."""
+    lora_linear = lora_linear or ops.lora_linear
 
     def fast(x, weight, bias, lora_A, lora_B):
-        return ops.lora_linear(
-            x, weight, bias, lora_A, lora_B, SCALING, dropout_p, fan_in_fan_out, seed
-        )
+        y = lora_linear(x, weight, bias, lora_A, lora_B, SCALING, dropout_p, fan_in_fan_out, seed)
+        if after_forward is not None:
+            after_forward()
+        return y
 
     def oracle(x, weight, bias, lora_A, lora_B):
         mask = None if keep_mask is None else keep_mask.to(x.device)
@@ -427,7 +432,10 @@ def op_keep_mask(p, rows, k, seed):
     x = torch.ones(rows, k, device=seed.device)
     weight, lora_B = torch.zeros(1, k, device=seed.device), torch.zeros(1, k, device=seed.device)
     eye = torch.eye(k, device=seed.device)
-    _, xa = torch.ops.fastdelta.lora_linear(x, weight, None, eye, lora_B, seed, 1.0, p, False)
+    backend = resolve_backend(seed.device, x.dtype)
+    _, xa = torch.ops.fastdelta.lora_linear(
+        x, weight, None, eye, lora_B, seed, 1.0, p, False, backend
+    )
     keep = xa != 0
     torch.testing.assert_close(xa[keep], torch.full_like(xa[keep], 1 / (1 - p)))
     return keep
@@ -542,7 +550,7 @@ def test_opcheck(backend, bias, dropout, fan_in_fan_out):
     tensors = [None if t is None else t.requires_grad_() for t in inputs.values()]
     seed = torch.tensor(11, dtype=torch.int64) if dropout else None
     p = 0.2 if dropout else 0.0
-    args = (*tensors, seed, SCALING, p, fan_in_fan_out)
+    args = (*tensors, seed, SCALING, p, fan_in_fan_out, backend)
     torch.library.opcheck(torch.ops.fastdelta.lora_linear.default, args)
 
 
@@ -553,10 +561,10 @@ def test_opcheck_backward_op(backend, dropout):
     seed = torch.tensor(11, dtype=torch.int64) if dropout else None
     p = 0.2 if dropout else 0.0
     _, xa = torch.ops.fastdelta.lora_linear(
-        x, weight, None, lora_A, lora_B, seed, SCALING, p, False
+        x, weight, None, lora_A, lora_B, seed, SCALING, p, False, backend
     )
-    args = (grad_out, x, weight, lora_A, lora_B, xa, seed, SCALING, p, False, True, True, True)
-    torch.library.opcheck(torch.ops.fastdelta.lora_linear_backward.default, (*args, True, True))
+    args = (grad_out, x, weight, lora_A, lora_B, xa, seed, SCALING, p, False, False, backend)
+    torch.library.opcheck(torch.ops.fastdelta.lora_linear_backward.default, (*args, *[True] * 5))
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,6 +701,39 @@ def test_the_environment_variable_chooses_the_backend(use_backend, monkeypatch):
 def test_the_package_exports_the_backend_switch():
     assert fastdelta.set_backend is set_backend and fastdelta.get_backend is get_backend
     assert ops.set_backend is set_backend and ops.get_backend is get_backend
+
+
+# How an op runs: the eager autograd.Function (plain tensors), the custom op (tensor subclasses)
+# and the custom op in a graph compiled with fullgraph=True.
+OP_PATHS = ("eager", "custom_op", "compiled")
+
+
+@pytest.mark.parametrize("path", OP_PATHS)
+def test_the_backward_runs_on_its_forwards_backend(backend, path, monkeypatch):
+    """The backend is chosen once per forward: a set_backend() between a forward and its
+    backward does not reach that backward, so its dropout mask is the forward's."""
+    other = next(name for name in available() if name != backend)
+    p, seed = 0.3, torch.tensor(2468, dtype=torch.int64)
+    inputs, grad_out = make_inputs((3, 7), 33, 20, 4, F32, seed=18)
+    mask = backend_module(backend).dropout_keep_mask(seed, inputs["x"].shape, p)
+    assert not torch.equal(mask, backend_module(other).dropout_keep_mask(seed, mask.shape, p))
+    lora_linear = ops.lora_linear
+    if path != "eager":
+        monkeypatch.setattr(ops, "eager_path", lambda *tensors: False)
+    if path == "compiled":
+        torch._dynamo.reset()
+        lora_linear = torch.compile(ops.lora_linear, fullgraph=True)
+    check_against_reference(
+        inputs,
+        grad_out,
+        F32,
+        dropout_p=p,
+        seed=seed,
+        keep_mask=mask,
+        lora_linear=lora_linear,
+        after_forward=lambda: set_backend(other),
+    )
+    torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------------------------

@@ -71,7 +71,15 @@ class AdapterDelta(DeltaLayer):
         )
 
     def backend_name(self) -> str:
-        return ops.resolve_backend(self.down_weight.device, self.down_weight.dtype)
+        (bottleneck, in_features), out_features = self.down_weight.shape, self.up_weight.shape[0]
+        return ops.backend_description(
+            "adapter",
+            self.down_weight.device,
+            self.down_weight.dtype,
+            in_features=in_features,
+            out_features=out_features,
+            bottleneck=bottleneck,
+        )
 
     def extra_repr(self) -> str:
         bottleneck_dim, in_features = self.down_weight.shape

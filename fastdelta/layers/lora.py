@@ -95,7 +95,15 @@ class LoraDelta(DeltaLayer):
     def backend_name(self) -> str:
         if self.merged:
             return "merged"
-        return ops.resolve_backend(self.lora_A.device, self.lora_A.dtype)
+        (out_features, rank), in_features = self.lora_B.shape, self.lora_A.shape[1]
+        return ops.backend_description(
+            "lora",
+            self.lora_A.device,
+            self.lora_A.dtype,
+            in_features=in_features,
+            out_features=out_features,
+            rank=rank,
+        )
 
     def extra_repr(self) -> str:
         out_features, r = self.lora_B.shape

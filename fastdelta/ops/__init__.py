@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from fastdelta.ops import verification
 from fastdelta.ops.activations import canonical_activation
 from fastdelta.ops.adapter import adapter_bottleneck_eager, adapter_bottleneck_op
 from fastdelta.ops.backend import get_backend, resolve_backend, set_backend
@@ -83,10 +84,12 @@ def lora_linear(
         seed = torch.randint(2**62, (), dtype=torch.int64, device=x.device)
     elif dropout_p == 0:
         seed = None
+    # Resolved once, here, for the forward and its backward (see fastdelta.ops.backend).
+    backend = resolve_backend(x.device, x.dtype)
     arguments = (x, weight, bias, lora_A, lora_B, seed, float(scaling), float(dropout_p))
     if eager_path(x, weight, bias, lora_A, lora_B, seed):
-        return lora_linear_eager(*arguments, fan_in_fan_out)
-    return lora_linear_op(*arguments, fan_in_fan_out)[0]
+        return lora_linear_eager(*arguments, fan_in_fan_out, backend)
+    return lora_linear_op(*arguments, fan_in_fan_out, backend)[0]
 
 
 def _check_adapter_arguments(h, down_weight, down_bias, up_weight, up_bias, residual):
@@ -159,10 +162,26 @@ def adapter_bottleneck(
     down_weight, down_bias, up_weight, up_bias = (
         None if t is None else t.to(h.dtype) for t in (down_weight, down_bias, up_weight, up_bias)
     )
+    backend = resolve_backend(h.device, h.dtype)
     tensors = (h, down_weight, down_bias, up_weight, up_bias, residual)
     if eager_path(*tensors):
-        return adapter_bottleneck_eager(*tensors, float(scaling), activation)
-    return adapter_bottleneck_op(*tensors, float(scaling), activation)[0]
+        return adapter_bottleneck_eager(*tensors, float(scaling), activation, backend)
+    return adapter_bottleneck_op(*tensors, float(scaling), activation, backend)[0]
 
 
-__all__ = ["adapter_bottleneck", "get_backend", "lora_linear", "resolve_backend", "set_backend"]
+def backend_description(op: str, device: torch.device, dtype: torch.dtype, **features) -> str:
+    """The backend that runs `op` ("lora" or "adapter") on `dtype` tensors on `device`, and
+    where its variants with these `features` (e.g. in_features=768, rank=8) run that failed
+    their first-use check (see fastdelta.ops.verification): "triton (cpp for 1 variant that
+    failed verification)"."""
+    return verification.moved_summary(resolve_backend(device, dtype), op, device, **features)
+
+
+__all__ = [
+    "adapter_bottleneck",
+    "backend_description",
+    "get_backend",
+    "lora_linear",
+    "resolve_backend",
+    "set_backend",
+]

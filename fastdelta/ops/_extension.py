@@ -208,22 +208,28 @@ def _compile(settings: BuildSettings, directory: Path) -> Path:
     return library
 
 
-def _load(settings: BuildSettings) -> Path:
-    """Find, or build, and load the extension; return the library's path."""
+def built_library(settings: BuildSettings) -> Path | None:
+    """A complete build of these settings, setup.py's or the cache's, if there is one."""
     library = prebuilt_library(settings)
     if library is not None:
-        torch.ops.load_library(str(library))
         return library
     directory = build_directory(settings)
     marker = directory / COMPLETE_MARKER
     if marker.is_file() and (directory / marker.read_text()).is_file():
-        library = directory / marker.read_text()
-        torch.ops.load_library(str(library))
-        return library
-    problem = _missing_tools(settings)
-    if problem:
-        raise ExtensionUnavailable(problem)
-    return _compile(settings, directory)
+        return directory / marker.read_text()
+    return None
+
+
+def _load(settings: BuildSettings) -> Path:
+    """Find, or build, and load the extension; return the library's path."""
+    library = built_library(settings)
+    if library is None:
+        problem = _missing_tools(settings)
+        if problem:
+            raise ExtensionUnavailable(problem)
+        return _compile(settings, build_directory(settings))
+    torch.ops.load_library(str(library))
+    return library
 
 
 _NOT_TRIED = object()
@@ -245,6 +251,47 @@ def unavailable_reason() -> str | None:
             logger.debug("Loaded %s from %s", LIBRARY, path)
             _state = None
     return _state  # type: ignore[return-value]
+
+
+# The commands that build the extension ahead of its first use.
+BUILD_COMMANDS = (
+    "`fastdelta build-ext` (into the cache directory), or "
+    "`FASTDELTA_BUILD_EXT=1 pip install --no-build-isolation .` in a fastdelta checkout"
+)
+
+
+def unbuilt_reason() -> str | None:
+    """Like unavailable_reason(), but never compiles: a build that exists is loaded (None is
+    returned then), a missing one is named with the command that builds it, and a later
+    unavailable_reason() may still build it."""
+    global _state, _settings
+    if _state is not _NOT_TRIED:
+        return _state  # type: ignore[return-value]
+    try:
+        settings = build_settings()
+        library = built_library(settings)
+    except (OSError, ImportError) as error:
+        return f"the C++ extension ({LIBRARY}) is unavailable: {error}"
+    if library is None:
+        problem = _missing_tools(settings)
+        needs = f"; building it needs what is missing here: {problem}" if problem else ""
+        return (
+            f"the C++ extension ({LIBRARY}) is not built yet{needs}. Build it once, a minute or "
+            f"two, with {BUILD_COMMANDS}"
+        )
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError) as error:
+        _state = f"the C++ extension ({LIBRARY}) is unavailable: loading {library} failed: {error}"
+    else:
+        logger.debug("Loaded %s from %s", LIBRARY, library)
+        _settings, _state = settings, None
+    return _state  # type: ignore[return-value]
+
+
+def build_key() -> str | None:
+    """The key of the loaded build (a hash of its sources, flags and torch), None before."""
+    return None if _settings is None else _settings.key
 
 
 def require() -> None:

@@ -1,14 +1,24 @@
 """The one place that decides which compute backend runs a fused op.
 
-`auto` (the default) picks, per call, the fastest backend available for the tensor's device;
+`auto` (the default) picks the fastest backend available for the tensor's device;
 `FASTDELTA_BACKEND` or `set_backend()` force one. A forced backend that cannot run raises; an
-automatic choice never does (it logs, once, why it passed over the cpp backend).
+automatic choice never does, and never builds the C++ extension (that takes minutes): it uses
+the cpp backend only once the extension is built, and otherwise warns, once, with the command
+that builds it.
+
+The functional ops resolve the backend once per call, before the op runs, and pass its name to
+the forward and the backward alike, so a set_backend() between them cannot split a step over two
+backends (whose dropout masks differ). The answer depends only on the setting, the device and the
+dtype, so it is computed once and cached; under torch.compile it is a constant of the graph
+(`torch.compiler.assume_constant_result`), guarded on the setting: dynamo traces `get_backend()`,
+so a set_backend() recompiles, while $FASTDELTA_BACKEND is read when a graph is traced.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import torch
 
@@ -38,6 +48,8 @@ def set_backend(name: str) -> None:
         if reason:
             raise RuntimeError(f"The {name!r} backend cannot run here: {reason}")
     _setting = name
+    # What can run may have changed (forcing cpp builds the extension, which auto then uses).
+    _resolved.clear()
 
 
 def get_backend() -> str:
@@ -80,11 +92,10 @@ def _triton_reason(device: torch.device | None) -> str | None:
     return None
 
 
-def _cpp_reason(device: torch.device | None) -> str | None:
-    # The first ask builds (once, into a cache directory) or loads the extension.
+def _cpp_reason(device: torch.device | None, build: bool) -> str | None:
     from fastdelta.ops import _extension
 
-    reason = _extension.unavailable_reason()
+    reason = _extension.unavailable_reason() if build else _extension.unbuilt_reason()
     if reason or device is None or device.type == "cpu":
         return reason
     if device.type != "cuda":
@@ -92,32 +103,68 @@ def _cpp_reason(device: torch.device | None) -> str | None:
     return _extension.cuda_kernels_reason()
 
 
-def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
+def unavailable_reason(
+    name: str, device: torch.device | str | None = None, *, build: bool = True
+) -> str | None:
     """Why backend `name` cannot run (on `device`, when given) in this process; None if it can.
-    Asking about "cpp" the first time builds or loads the C++ extension."""
+    Asking about "cpp" the first time builds (minutes, once, into a cache directory) or loads
+    the C++ extension; with `build=False` it only loads a build that exists."""
     _check_name(name, "unavailable_reason")
     device = None if device is None else torch.device(device)
     if name in ("torch", "auto"):
         return None
     if name == "triton":
         return _triton_reason(device)
-    return _cpp_reason(device)
+    return _cpp_reason(device, build)
 
 
 _logged_fallbacks: set[str] = set()
 
 
-def _log_fallback(device: torch.device, reason: str) -> None:
-    """Say once per process and reason why the automatic choice passed over the cpp backend."""
-    if reason not in _logged_fallbacks:
-        _logged_fallbacks.add(reason)
-        logger.info("fastdelta: not using the cpp backend on %s tensors: %s", device.type, reason)
+def _report_fallback(device: torch.device, dtype: torch.dtype | None, reason: str) -> None:
+    """Say once per process and reason why the automatic choice runs `device`'s tensors on the
+    torch backend: a warning where Triton cannot run at all (the fused kernels are then one
+    build away), a log line where only the dtype keeps Triton out."""
+    if reason in _logged_fallbacks:
+        return
+    _logged_fallbacks.add(reason)
+    triton_reason = unavailable_reason("triton", device)
+    if triton_reason is None:
+        logger.info(
+            "fastdelta: %s tensors on %s run on the torch backend (Triton's kernels take float16, "
+            "bfloat16 and float32); the cpp backend would run them: %s",
+            dtype,
+            device,
+            reason,
+        )
+        return
+    warnings.warn(
+        f"fastdelta: the fused kernels cannot run on {device.type} tensors here, so the slower "
+        f"torch backend runs them. Triton: {triton_reason}. The cpp backend: {reason}",
+        stacklevel=2,
+    )
+
+
+# (setting, device, dtype) -> backend name: what resolve_backend answered before.
+_resolved: dict[tuple, str] = {}
 
 
 def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
-    """The backend that runs an op on tensors of `dtype` on `device` under the current setting."""
-    device = torch.device(device)
-    setting = get_backend()
+    """The backend that runs an op on tensors of `dtype` on `device` under the current setting.
+    Cheap: after the first call for a (setting, device, dtype), a dictionary lookup."""
+    return _resolve(get_backend(), device, dtype)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(setting: str, device: torch.device | str, dtype: torch.dtype | None) -> str:
+    key = (setting, device, dtype)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _choose(setting, torch.device(device), dtype)
+    return name
+
+
+def _choose(setting: str, device: torch.device, dtype: torch.dtype | None) -> str:
     if setting != "auto":
         reason = unavailable_reason(setting, device)
         if reason is None and setting == "triton" and dtype not in (None, *TRITON_DTYPES):
@@ -132,10 +179,11 @@ def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None
     if device.type == "cuda":
         if dtype in (None, *TRITON_DTYPES) and unavailable_reason("triton", device) is None:
             return "triton"
-        reason = unavailable_reason("cpp", device)
+        # Never a build here: that would be minutes inside a forward, unannounced.
+        reason = unavailable_reason("cpp", device, build=False)
         if reason is None:
             return "cpp"
-        _log_fallback(device, reason)
+        _report_fallback(device, dtype, reason)
     return "torch"
 
 

@@ -9,12 +9,19 @@ for backward (the parameters W, A and B are saved by reference).
 Outside torch.compile, `lora_linear_eager` runs the same backend functions with the same
 saved tensors through a plain autograd.Function: the custom op's dispatch costs tens of
 microseconds a call, which small (decode-sized) inputs would feel; see `fastdelta.ops.eager`.
+
+The backend is an argument, resolved once by the functional `fastdelta.ops.lora_linear` and
+given to the backward as well, so a set_backend() between a forward and its backward cannot
+split them over two backends (whose dropout masks differ). `fastdelta.ops.verification` may
+move a variant off it (a kernel that failed its first-use check): the forward decides, and the
+backward follows the forward's route.
 """
 
 import torch
 from torch import Tensor
 
-from fastdelta.ops.backend import backend_module, resolve_backend
+from fastdelta.ops import verification
+from fastdelta.ops.backend import backend_module
 from fastdelta.ops.eager import profiled
 
 
@@ -34,20 +41,24 @@ def lora_linear_op(
     scaling: float,
     dropout_p: float,
     fan_in_fan_out: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """(y, xa) with y = x W^T + b + scaling * xa B^T and xa = dropout(x) A^T.
+    """(y, xa) with y = x W^T + b + scaling * xa B^T and xa = dropout(x) A^T, computed by
+    `backend` ("triton", "cpp" or "torch"; `fastdelta.ops.resolve_backend` names it).
 
     Dropout is on when `seed` (an int64 scalar tensor on x's device) is given: the mask is
     drawn from it, so the same seed gives the same mask, in the forward and the backward.
     """
-    backend = backend_module(resolve_backend(x.device, x.dtype))
-    return backend.lora_forward(
+    name = verification.lora_backend(
+        backend, x, weight, bias is not None, lora_A, seed, fan_in_fan_out
+    )
+    return backend_module(name).lora_forward(
         x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
     )
 
 
 @lora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out):
+def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out, backend):
     out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     y = x.new_empty((*x.shape[:-1], out_features))
     xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]), dtype=xa_dtype(x.dtype))
@@ -66,24 +77,30 @@ def lora_linear_backward_op(
     scaling: float,
     dropout_p: float,
     fan_in_fan_out: bool,
+    has_bias: bool,
+    backend: str,
     need_x: bool,
     need_weight: bool,
     need_bias: bool,
     need_lora_A: bool,
     need_lora_B: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of (x, weight, bias, lora_A, lora_B); an empty tensor for each not needed."""
-    backend = backend_module(resolve_backend(x.device, x.dtype))
+    """Gradients of (x, weight, bias, lora_A, lora_B); an empty tensor for each not needed.
+    `backend` and `has_bias` are the forward's: with them the backward finds the forward's
+    route (see `fastdelta.ops.verification`)."""
+    name = verification.lora_backend(
+        backend, x, weight, has_bias, lora_A, seed, fan_in_fan_out, check=False
+    )
     needs = (need_x, need_weight, need_bias, need_lora_A, need_lora_B)
-    grads = backend.lora_backward(
+    grads = backend_module(name).lora_backward(
         grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, fan_in_fan_out, needs
     )
     return tuple(grad_y.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
 @lora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, fan_in_fan_out, *needs):
-    need_x, need_weight, need_bias, need_lora_A, need_lora_B = needs
+def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, fan_in_fan_out, *rest):
+    need_x, need_weight, need_bias, need_lora_A, need_lora_B = rest[2:]
     out_features = grad_y.shape[-1]
 
     def grad(needed, like, shape=None):
@@ -101,11 +118,11 @@ def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, fan_in_fa
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out = inputs
+    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out, backend = inputs
     xa = output[1]
     ctx.mark_non_differentiable(xa)
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-    ctx.arguments = (scaling, dropout_p, fan_in_fan_out)
+    ctx.arguments = (scaling, dropout_p, fan_in_fan_out, bias is not None, backend)
 
 
 def _backward(ctx, grad_y, _grad_xa):
@@ -114,8 +131,8 @@ def _backward(ctx, grad_y, _grad_xa):
     grads = lora_linear_backward_op(
         grad_y, x, weight, lora_A, lora_B, xa, seed, *ctx.arguments, *needs
     )
-    # No gradients for seed, scaling, dropout_p and fan_in_fan_out.
-    return *(g if needed else None for g, needed in zip(grads, needs, strict=True)), *[None] * 4
+    # No gradients for seed, scaling, dropout_p, fan_in_fan_out and backend.
+    return *(g if needed else None for g, needed in zip(grads, needs, strict=True)), *[None] * 5
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -125,9 +142,12 @@ class _LoraLinearFunction(torch.autograd.Function):
     """The op's forward and backward as an autograd.Function, for eager mode."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out):
-        backend = backend_module(resolve_backend(x.device, x.dtype))
-        y, xa = backend.lora_forward(
+    def forward(
+        ctx, x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out, name
+    ):
+        # `name` is the routed backend (see lora_linear_eager); the backward runs the same one.
+        ctx.backend = backend_module(name)
+        y, xa = ctx.backend.lora_forward(
             x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
         )
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
@@ -138,28 +158,26 @@ class _LoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
-        backend = backend_module(resolve_backend(x.device, x.dtype))
         with profiled("fastdelta::lora_linear_backward"):
-            grads = backend.lora_backward(
+            grads = ctx.backend.lora_backward(
                 grad_y, x, weight, lora_A, lora_B, xa, seed, *ctx.arguments, needs
             )
-        return *grads, None, None, None, None
+        return *grads, None, None, None, None, None
 
 
 def lora_linear_eager(
-    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
+    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out, backend
 ) -> Tensor:
     """y of `lora_linear_op`, computed by the same backend without the custom op's dispatch;
     with no gradient needed it saves nothing."""
+    name = verification.lora_backend(
+        backend, x, weight, bias is not None, lora_A, seed, fan_in_fan_out
+    )
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
     )
+    arguments = (x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out)
     with profiled("fastdelta::lora_linear"):
         if needs_grad:
-            return _LoraLinearFunction.apply(
-                x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
-            )
-        backend = backend_module(resolve_backend(x.device, x.dtype))
-        return backend.lora_forward(
-            x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
-        )[0]
+            return _LoraLinearFunction.apply(*arguments, name)
+        return backend_module(name).lora_forward(*arguments)[0]
