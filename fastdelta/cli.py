@@ -151,12 +151,73 @@ def build_model(config, device: str):
         return model_class(config)
 
 
+# Config fields that are sizes or counts in transformers configs: never negative (no default
+# config of any transformers model has one below zero).
+SIZE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "embedding_size",
+    "d_model",
+    "d_ff",
+    "d_kv",
+    "num_layers",
+    "num_decoder_layers",
+    "num_heads",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "n_positions",
+    "dim",
+    "hidden_dim",
+    "n_layers",
+    "n_heads",
+    "ffn_dim",
+    "word_embed_proj_dim",
+    "encoder_layers",
+    "decoder_layers",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+)
+
+
+def build_checked_model(config, location: str, device: str):
+    """`build_model`, with an invalid config reported as one line that names what is wrong."""
+    aliases = getattr(config, "attribute_map", {})  # GPT-2's hidden_size is its n_embd
+    negative = [
+        f"{field}={getattr(config, field)}"
+        for field in SIZE_FIELDS
+        if field not in aliases
+        and isinstance(getattr(config, field, None), int)
+        and getattr(config, field) < 0
+    ]
+    if negative:
+        verb = "is" if len(negative) == 1 else "are"
+        raise CommandError(
+            f"{location}: {', '.join(negative)} {verb} negative; sizes and counts must be positive"
+        )
+    try:
+        return build_model(config, device)
+    except (ValueError, RuntimeError, TypeError, IndexError, ZeroDivisionError) as error:
+        raise CommandError(
+            f"transformers cannot build a {config.model_type} model from {location}: {error}"
+        ) from error
+
+
 def run_inspect(arguments: argparse.Namespace) -> int:
     """Print the structure graph of the configured model, with a delta attached if asked."""
     if arguments.modified_modules and not arguments.delta:
         raise CommandError("--modified-modules names the targets of a delta: add --delta TYPE")
     config = load_config(arguments.model)
-    model = build_model(config, arguments.device)
+    model = build_checked_model(config, arguments.model, arguments.device)
     if arguments.delta:
         delta_config = {"delta_type": arguments.delta}
         if arguments.modified_modules:
@@ -165,7 +226,7 @@ def run_inspect(arguments: argparse.Namespace) -> int:
             delta_model = fastdelta.AutoDeltaModel.from_config(
                 fastdelta.AutoDeltaConfig.from_dict(delta_config), backbone_model=model
             )
-        except (ValueError, RuntimeError, NotImplementedError) as error:
+        except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:
             hint = ""
             if arguments.device == "meta":
                 hint = " (the model is on the meta device: --device cpu builds real weights)"

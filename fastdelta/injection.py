@@ -14,13 +14,16 @@ Roles of a delta in its host's forward, in the order they run:
   (or `delta(input)` for a plain module);
 - "parallel": `delta(input, output)` gives the new output (plain module: output + delta(input));
 - "after": `delta(output)` gives the new output.
-For a host returning a tuple or a ModelOutput, "output" is its first item.
+For a host returning a tuple or a ModelOutput, "output" is its first item. Deltas of one role
+run in the order they were first attached, across delta models, so taking one off and putting it
+back (`detach()`, `attach()`) leaves the computation as it was.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from collections.abc import Mapping
 
 import torch
@@ -31,34 +34,71 @@ from fastdelta.layers.base import ATTACHED_DELTAS, DeltaLayer, attached_deltas
 ROLES = ("before", "replace", "parallel", "after", None)
 _ORIGINAL_CLASS = "_fastdelta_original_class"
 _HOST_CLASSES: dict[type, type] = {}
+# Attribute of a delta module: its place in the order deltas were first attached.
+_ORDER = "_fastdelta_attach_order"
+_ATTACH_COUNTER = itertools.count()
 
 
-def attach_delta(host: nn.Module, delta: nn.Module, delta_name: str, role: str | None) -> None:
-    """Register `delta` as child `delta_name` of `host` and run it in the host's forward."""
+def attach_delta(
+    host: nn.Module,
+    delta: nn.Module,
+    delta_name: str,
+    role: str | None,
+    host_name: str | None = None,
+) -> None:
+    """Register `delta` as child `delta_name` of `host` and run it in the host's forward.
+
+    A delta attached again after `detach_delta` takes back its place among the host's deltas.
+    `host_name` (the host's name in the model) is for error messages."""
     if role not in ROLES:
         raise ValueError(f"Unknown delta role {role!r}; choose one of {ROLES}")
     host_class = type(host).__name__
+    where = f"{host_name} ({host_class})" if host_name else host_class
     if delta_name in host._modules or hasattr(host, delta_name):
         raise ValueError(
-            f"{host_class} already has a {delta_name!r} attribute: a module takes one delta of "
+            f"{where} already has a {delta_name!r} attribute: a module takes one delta of "
             "each kind. Detach the first delta model, or exclude this module from the second."
         )
     if role == "replace" and any(existing == "replace" for _, existing in attached_deltas(host)):
         replacer = next(name for name, existing in attached_deltas(host) if existing == "replace")
         raise ValueError(
-            f"{host_class} already has its forward replaced by the {replacer!r} "
+            f"{where} already has its forward replaced by the {replacer!r} "
             f"delta; it cannot also be replaced by {delta_name!r}"
         )
     if role is not None and "forward" in host.__dict__:
         raise RuntimeError(
-            f"{host_class} has a forward set on the instance (as accelerate's device-map hooks "
+            f"{where} has a forward set on the instance (as accelerate's device-map hooks "
             "do), which would bypass fastdelta's deltas. Add the deltas before dispatching the "
             "model (before from_pretrained(device_map=...) hooks or accelerate's dispatch_model)."
         )
+    entries = attached_deltas(host)
+    if not hasattr(delta, _ORDER):
+        # First attachment: after every delta the host carries (a process-wide counter alone
+        # could fall behind the orders of deltas unpickled from another process).
+        latest = max((_order_of(host, name) for name, _ in entries), default=-1)
+        setattr(delta, _ORDER, max(next(_ATTACH_COUNTER), latest + 1))
+    order = getattr(delta, _ORDER)
+    position = next(
+        (index for index, (name, _) in enumerate(entries) if _order_of(host, name) > order),
+        len(entries),
+    )
     host.add_module(delta_name, delta)
-    host.__dict__[ATTACHED_DELTAS] = (*attached_deltas(host), (delta_name, role))
+    host.__dict__[ATTACHED_DELTAS] = (
+        *entries[:position],
+        (delta_name, role),
+        *entries[position:],
+    )
     if role is not None and not hasattr(type(host), _ORIGINAL_CLASS):
         host.__class__ = host_class_for(type(host))
+
+
+def _order_of(host: nn.Module, delta_name: str) -> int:
+    return getattr(host._modules[delta_name], _ORDER, -1)
+
+
+def original_class(module: nn.Module) -> type:
+    """The class of `module` before fastdelta gave it a host class."""
+    return getattr(type(module), _ORIGINAL_CLASS, type(module))
 
 
 def detach_delta(host: nn.Module, delta_name: str) -> nn.Module:

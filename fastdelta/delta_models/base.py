@@ -10,7 +10,9 @@ from rich.table import Table
 from torch import nn
 
 from fastdelta.addressing import ModuleAddresses, check_entries, name_matches
+from fastdelta.delta_models import checkpoint
 from fastdelta.delta_models.config import BaseDeltaConfig
+from fastdelta.delta_models.targets import check_target_runs
 from fastdelta.injection import attach_delta, detach_delta
 from fastdelta.layers.base import DeltaLayer, delta_parameter_names
 from fastdelta.pseudo_input import Sizes, module_sizes
@@ -87,38 +89,32 @@ class DeltaBase:
         return cls(backbone_model, **config.delta_arguments())
 
     @classmethod
-    def from_finetuned(cls, finetuned_delta_path, backbone_model: nn.Module, **kwargs):
+    def from_finetuned(
+        cls, finetuned_delta_path, backbone_model: nn.Module, *, allow_non_finite: bool = False
+    ):
         """Rebuild the deltas saved by `save_finetuned` at `finetuned_delta_path` on
         `backbone_model` and load their tensors (see `AutoDeltaModel.from_finetuned`)."""
-        from fastdelta.delta_models.auto import AutoDeltaConfig, AutoDeltaModel
-
-        delta_type = AutoDeltaConfig.from_finetuned(finetuned_delta_path).delta_type
-        if delta_type != cls.config_class.delta_type:
+        saved = checkpoint.read_checkpoint(finetuned_delta_path, backbone_model)
+        if saved.delta_type != cls.config_class.delta_type:
             raise ValueError(
-                f"{str(finetuned_delta_path)!r} holds delta_type {delta_type!r}, which "
+                f"{str(finetuned_delta_path)!r} holds delta_type {saved.delta_type!r}, which "
                 f"{cls.__name__} cannot load: use AutoDeltaModel.from_finetuned"
             )
-        return AutoDeltaModel.from_finetuned(finetuned_delta_path, backbone_model, **kwargs)
+        return checkpoint.build_from_checkpoint(cls, saved, backbone_model, allow_non_finite)
 
     def save_finetuned(
         self, finetuned_delta_path="./delta_checkpoints/", format: str = "fastdelta", **kwargs
     ):
-        """Save the config and the trainable tensors (the deltas and any trainable task head)
-        to the directory `finetuned_delta_path`; returns its path. format="peft" writes LoRA
-        deltas in PEFT's layout (adapter_config.json, adapter_model.safetensors) instead."""
-        from fastdelta.peft_format import save_peft
-        from fastdelta.saving import save_checkpoint
-
+        """Save the config and this delta model's tensors (its deltas, and any trainable task
+        head) to the directory `finetuned_delta_path`; returns its path. Other delta models on
+        the backbone are not saved. format="peft" writes LoRA deltas in PEFT's layout
+        (adapter_config.json, adapter_model.safetensors) instead."""
         if kwargs:
             raise TypeError(
                 f"save_finetuned got unsupported argument(s) {', '.join(sorted(kwargs))}: "
                 "fastdelta writes config.json and delta.safetensors and does not upload"
             )
-        if format == "peft":
-            return save_peft(self, finetuned_delta_path)
-        if format != "fastdelta":
-            raise ValueError(f"format must be 'fastdelta' or 'peft', got {format!r}")
-        return save_checkpoint(self, finetuned_delta_path)
+        return checkpoint.save_finetuned(self, finetuned_delta_path, format)
 
     @property
     def delta_type(self) -> str:
@@ -212,7 +208,8 @@ class DeltaBase:
         # A new module starts in training mode; the delta follows its host's (an eval-mode
         # model must not run LoRA dropout).
         delta_module.train(host.training)
-        attach_delta(host, delta_module, delta_name, role)
+        check_target_runs(self.backbone_model, host_name, role)
+        attach_delta(host, delta_module, delta_name, role, host_name)
         self.attachments.append(Attachment(host_name, delta_name, role, delta_module))
 
     def _name_of(self, module: nn.Module) -> str:
@@ -238,13 +235,32 @@ class DeltaBase:
             self._set_trainable_state_dict(False)
 
     def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
-        """Put back the deltas that `detach()` took off (inside `module`, default all)."""
-        for attachment in self._in_scope(module, attached=False, action="attach"):
-            host = self.backbone_model.get_submodule(attachment.host_name)
-            attach_delta(host, attachment.delta, attachment.delta_name, attachment.role)
-            if isinstance(attachment.delta, DeltaLayer):
-                attachment.delta.on_attach(host)
-            attachment.attached = True
+        """Put back the deltas that `detach()` took off (inside `module`, default all), each in
+        its place among its module's deltas. If one cannot be attached (another delta model
+        attached a delta of its kind there meanwhile), those put back are taken off again."""
+        attached = []
+        try:
+            for attachment in self._in_scope(module, attached=False, action="attach"):
+                host = self.backbone_model.get_submodule(attachment.host_name)
+                attach_delta(
+                    host,
+                    attachment.delta,
+                    attachment.delta_name,
+                    attachment.role,
+                    attachment.host_name,
+                )
+                if isinstance(attachment.delta, DeltaLayer):
+                    attachment.delta.on_attach(host)
+                attachment.attached = True
+                attached.append(attachment)
+        except Exception:
+            for attachment in reversed(attached):
+                host = self.backbone_model.get_submodule(attachment.host_name)
+                detach_delta(host, attachment.delta_name)
+                if isinstance(attachment.delta, DeltaLayer):
+                    attachment.delta.on_detach(host)
+                attachment.attached = False
+            raise
         if reset_state_dict:
             self._set_trainable_state_dict(self._trainable_state_dict_wanted)
 

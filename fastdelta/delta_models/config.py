@@ -10,15 +10,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from fastdelta.addressing import check_entries
+from fastdelta.addressing import check_entries, pattern_matches
 from fastdelta.ops.activations import canonical_activation
 
 SUPPORTED_MODEL_BACKENDS = ("hf",)
+# OpenDelta delta types that fastdelta does not implement.
+NOT_IMPLEMENTED = ("low_rank_adapter", "compacter", "prefix", "soft_prompt")
+# The largest rank or bottleneck width accepted: wider than any layer of any model, so a larger
+# value is a typo or an overflow (2**40 would reach the allocator as a raw error).
+MAX_DELTA_WIDTH = 2**16
 
 
 @dataclass
@@ -42,12 +48,14 @@ class BaseDeltaConfig:
             entries = getattr(self, argument)
             if entries is not None:
                 setattr(self, argument, check_entries(entries, argument))
+        _require_bool(self.common_structure, "common_structure")
+        _require_bool(self.interactive_modify, "interactive_modify")
         if self.interactive_modify:
             raise ValueError(
                 "interactive_modify is not supported by fastdelta: pass "
                 "modified_modules (see Visualization(model).structure_graph())"
             )
-        if self.backend not in SUPPORTED_MODEL_BACKENDS:
+        if not isinstance(self.backend, str) or self.backend not in SUPPORTED_MODEL_BACKENDS:
             raise ValueError(
                 f"backend={self.backend!r} is not supported: fastdelta works on PyTorch / "
                 "transformers models (backend='hf'); its compute backend is chosen with "
@@ -62,6 +70,7 @@ class BaseDeltaConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BaseDeltaConfig:
+        require_dict(values, f"{cls.__name__}.from_dict")
         values = dict(values)
         delta_type = values.pop("delta_type", cls.delta_type)
         if delta_type != cls.delta_type:
@@ -94,9 +103,57 @@ def _floating_dtype_name(dtype) -> str:
     return str(candidate).removeprefix("torch.")
 
 
+def require_dict(values, where: str) -> None:
+    """A config given as a dict must be one (JSON's null or a list would fail inside Python)."""
+    if not isinstance(values, dict):
+        raise TypeError(
+            f"{where} takes a dict of arguments such as {{'delta_type': 'lora', 'lora_r': 8}}, "
+            f"got {type(values).__name__} {values!r}"
+        )
+
+
+def config_class_for(delta_type) -> type[BaseDeltaConfig]:
+    """The config class of a `delta_type` string ("lora", "adapter", ...)."""
+    classes = {cls.delta_type: cls for cls in _config_classes()}
+    if isinstance(delta_type, str) and delta_type in classes:
+        return classes[delta_type]
+    supported = ", ".join(sorted(classes))
+    if delta_type in NOT_IMPLEMENTED:
+        raise NotImplementedError(
+            f"delta_type {delta_type!r} exists in OpenDelta but is not "
+            f"implemented in fastdelta; the supported types are {supported}"
+        )
+    raise ValueError(f"Unknown delta_type {delta_type!r}; the supported types are {supported}")
+
+
+def _config_classes() -> tuple[type[BaseDeltaConfig], ...]:
+    return (LoraConfig, AdapterConfig, ParallelAdapterConfig, BitFitConfig)
+
+
+def _require_bool(value, name: str) -> None:
+    # A string such as "false" is truthy: only real booleans are accepted.
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
 def _require_positive_int(value, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value > MAX_DELTA_WIDTH:
+        raise ValueError(
+            f"{name}={value} is wider than any layer of any model (the limit is "
+            f"{MAX_DELTA_WIDTH}): a rank or bottleneck width is at most the layer's features"
+        )
+
+
+def _require_patterns(patterns, name: str) -> None:
+    if patterns is not None and (
+        not isinstance(patterns, dict) or not all(isinstance(key, str) for key in patterns)
+    ):
+        raise TypeError(
+            f"{name} must be a dict {{module regex: value}} such as {{'value': 4}}, got "
+            f"{patterns!r}"
+        )
 
 
 def _require_finite(value, name: str) -> None:
@@ -121,6 +178,9 @@ class LoraConfig(BaseDeltaConfig):
         super().__post_init__()
         _require_positive_int(self.lora_r, "lora_r")
         _require_finite(self.lora_alpha, "lora_alpha")
+        _require_bool(self.use_rslora, "use_rslora")
+        _require_patterns(self.rank_pattern, "rank_pattern")
+        _require_patterns(self.alpha_pattern, "alpha_pattern")
         for pattern, rank in (self.rank_pattern or {}).items():
             _require_positive_int(rank, f"rank_pattern[{pattern!r}]")
         for pattern, alpha in (self.alpha_pattern or {}).items():
@@ -136,6 +196,15 @@ class LoraConfig(BaseDeltaConfig):
         _require_finite(self.lora_dropout, "lora_dropout")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        zero = ["lora_alpha"] if self.lora_alpha == 0 else []
+        zero += [f"alpha_pattern[{k!r}]" for k, v in (self.alpha_pattern or {}).items() if v == 0]
+        if zero:
+            warnings.warn(
+                f"{', '.join(zero)} = 0 scales the LoRA deltas it applies to by 0, so they change "
+                "nothing and get no gradient: give it a non-zero value (commonly 2 * lora_r)",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 @dataclass
@@ -171,6 +240,6 @@ def pattern_value(patterns: dict | None, name: str, default):
     """The value of the first of `patterns` ({regex: value}) that matches the end of the
     module name `name` at a dot boundary (PEFT's rank_pattern rule), else `default`."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(?:.*\.)?(?:{pattern})$", name):
+        if pattern_matches(pattern, name):
             return value
     return default

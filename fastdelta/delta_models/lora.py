@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
+from fastdelta.addressing import pattern_matches
 from fastdelta.delta_models.base import DeltaBase, config_arguments
 from fastdelta.delta_models.config import LoraConfig, pattern_value
+from fastdelta.delta_models.targets import check_forward_replaceable, check_mergeable
 from fastdelta.injection import detach_delta
 from fastdelta.layers.lora import LoraDelta
 from fastdelta.pseudo_input import is_conv1d, linear_sizes
@@ -48,8 +52,11 @@ class LoraModel(DeltaBase):
     def merge(self, module: nn.Module | None = None) -> None:
         """Fold each LoRA delta (inside `module`, default all) into its layer's weight, for
         inference at the plain model's speed. The deltas stay attached; `unmerge()` takes them
-        back out, and so does `detach()`. Training while merged raises an error."""
-        for attachment in self._in_scope(module, attached=True, action="merge"):
+        back out, and so does `detach()`. Training while merged raises an error. A weight tied
+        to another module's (an LM head tied to the embeddings) is refused before any merge."""
+        selected = self._in_scope(module, attached=True, action="merge")
+        check_mergeable(self.backbone_model, [a.host_name for a in selected])
+        for attachment in selected:
             attachment.delta.merge(self.backbone_model.get_submodule(attachment.host_name))
 
     def unmerge(self, module: nn.Module | None = None) -> None:
@@ -61,6 +68,7 @@ class LoraModel(DeltaBase):
         """Fold every attached LoRA delta into its layer's weight and take fastdelta off the
         backbone, which is returned as the plain model (no fastdelta module or hook left), for
         export and serving. This delta model is empty afterwards."""
+        check_mergeable(self.backbone_model, [a.host_name for a in self.attachments if a.attached])
         for attachment in self.attachments:
             if attachment.attached:
                 host = self.backbone_model.get_submodule(attachment.host_name)
@@ -86,13 +94,30 @@ class LoraModel(DeltaBase):
                 + ". Name linear layers in modified_modules"
                 + _linear_children_hint(modules[unsupported[0]], unsupported[0])
             )
+        for name, module in modules.items():
+            check_forward_replaceable(module, name)
         config = self.config
+        for argument in ("rank_pattern", "alpha_pattern"):
+            _check_patterns_match(getattr(config, argument), argument, list(modules))
+        ranks = {name: pattern_value(config.rank_pattern, name, config.lora_r) for name in modules}
+        oversized = [name for name in modules if ranks[name] > min(linear_sizes(modules[name]))]
+        if oversized:
+            name = oversized[0]
+            warnings.warn(
+                f"The LoRA rank {ranks[name]} exceeds min(in_features, out_features) = "
+                f"{min(linear_sizes(modules[name]))} of {name}"
+                + (f" and {len(oversized) - 1} more layers" if oversized[1:] else "")
+                + ": B A has at most that rank, so the rest adds parameters and no capacity; a "
+                "smaller lora_r (or rank_pattern entries for these layers) trains the same",
+                UserWarning,
+                stacklevel=4,
+            )
         for name, module in modules.items():
             in_features, out_features = linear_sizes(module)
             delta = LoraDelta(
                 in_features,
                 out_features,
-                r=pattern_value(config.rank_pattern, name, config.lora_r),
+                r=ranks[name],
                 alpha=pattern_value(config.alpha_pattern, name, config.lora_alpha),
                 dropout=config.lora_dropout,
                 use_rslora=config.use_rslora,
@@ -100,6 +125,23 @@ class LoraModel(DeltaBase):
                 **self.factory_kwargs(module),
             )
             self.replace_module(name, delta)
+
+
+def _check_patterns_match(patterns: dict | None, argument: str, targets: list[str]) -> None:
+    """A rank_pattern / alpha_pattern key that matches no target is a typo that would silently
+    leave every module at the default."""
+    unmatched = [
+        pattern
+        for pattern in patterns or {}
+        if not any(pattern_matches(pattern, name) for name in targets)
+    ]
+    if unmatched:
+        shown = ", ".join(targets[:4]) + (f" and {len(targets) - 4} more" if targets[4:] else "")
+        raise ValueError(
+            f"{argument} key(s) {', '.join(map(repr, unmatched))} match none of the LoRA targets "
+            f"({shown}); a key is a regex matching the end of a target's name at a dot, such as "
+            "'value' or 'layer\\.1\\.attention\\.self\\.query': fix or remove it"
+        )
 
 
 def _linear_children_hint(module: nn.Module, name: str) -> str:

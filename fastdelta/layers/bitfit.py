@@ -31,7 +31,10 @@ class BiasUnfreeze(DeltaLayer):
 
     It keeps the bias the backbone came with (a non-persistent buffer, so it is never saved)
     and swaps it with the trained one on detach and back on attach, so a detached model
-    computes exactly what the original backbone did.
+    computes exactly what the original backbone did. While detached, the host's bias (then the
+    original one) is frozen: an optimizer step would otherwise change the original backbone,
+    and another delta model would save it as a trained tensor of its own. Attaching gives the
+    bias back the requires_grad it had.
     """
 
     delta_name = "bitfit"
@@ -40,6 +43,7 @@ class BiasUnfreeze(DeltaLayer):
     def __init__(self, host_bias: torch.Tensor):
         super().__init__()
         self.register_buffer("other_bias", host_bias.detach().clone(), persistent=False)
+        self.trained_requires_grad = host_bias.requires_grad
 
     @torch.no_grad()
     def swap_biases(self, host: nn.Module) -> None:
@@ -47,5 +51,11 @@ class BiasUnfreeze(DeltaLayer):
         host.bias.copy_(self.other_bias)
         self.other_bias.copy_(trained)
 
-    on_detach = swap_biases
-    on_attach = swap_biases
+    def on_detach(self, host: nn.Module) -> None:
+        self.swap_biases(host)
+        self.trained_requires_grad = host.bias.requires_grad
+        host.bias.requires_grad_(False)
+
+    def on_attach(self, host: nn.Module) -> None:
+        self.swap_biases(host)
+        host.bias.requires_grad_(self.trained_requires_grad)

@@ -1,0 +1,335 @@
+"""What a delta model writes to a checkpoint, and how one is rebuilt from a checkpoint.
+
+A checkpoint holds what its delta model owns: the tensors of its own deltas (BitFit's biases
+trained in place included) and the backbone's trained tensors outside every delta (a task head),
+never the deltas of another delta model on the same backbone. Loading checks every config field
+the deltas depend on, and every key, shape and dtype; the delta model is built and loaded whole,
+or the backbone is left as it was. The file formats are fastdelta.saving's and
+fastdelta.peft_format's (on fastdelta.checkpoint_io), which this module calls; they never import
+a delta model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from fastdelta.checkpoint_io import (
+    CONFIG_NAME,
+    check_tensor_values,
+    checkpoint_format,
+    directory_path,
+    load_tensors,
+)
+from fastdelta.delta_models.config import config_class_for
+from fastdelta.injection import detach_delta
+from fastdelta.layers.base import delta_parameter_names
+from fastdelta.layers.lora import LoraDelta
+from fastdelta.peft_format import (
+    lora_arguments,
+    peft_config,
+    peft_heads,
+    peft_targets,
+    read_peft_config,
+    read_peft_tensors,
+    write_peft,
+)
+from fastdelta.pseudo_input import is_conv1d
+from fastdelta.saving import (
+    backbone_class_name,
+    check_backbone,
+    checkpoint_name,
+    read_config,
+    read_tensors,
+    split_config,
+    write_checkpoint,
+)
+from fastdelta.version import __version__
+
+FORMATS = ("fastdelta", "peft")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk, in either format, before any delta is built."""
+
+    source: Path
+    arguments: dict[str, Any]  # the delta config's arguments, with delta_type
+    tensors: dict[str, torch.Tensor]  # keyed by parameter names in the backbone
+    targets: list[str] | None  # the modules the deltas were attached to (None: not recorded)
+    head: list[str] | None  # the backbone tensors it holds besides the deltas (None: any)
+    frozen: list[str]  # the tensors that were frozen when saved
+
+    @property
+    def delta_type(self) -> str:
+        return self.arguments["delta_type"]
+
+
+# What a delta model owns
+
+
+def owned_parameters(delta_model) -> dict[str, nn.Parameter]:
+    """Every parameter of `delta_model`'s deltas by its name in the backbone, with the host
+    parameters its deltas train in place (BitFit's biases)."""
+    backbone = delta_model.backbone_model
+    owned = {}
+    for attachment in delta_model.attachments:
+        prefix = f"{attachment.host_name}." if attachment.host_name else ""
+        for name, parameter in attachment.delta.named_parameters():
+            owned[f"{prefix}{attachment.delta_name}.{name}"] = parameter
+        host = backbone.get_submodule(attachment.host_name)
+        for name in getattr(attachment.delta, "host_parameter_names", ()):
+            owned[prefix + name] = host.get_parameter(name)
+    return owned
+
+
+def head_parameters(backbone: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters of `backbone` outside every delta attached to it (a task head),
+    a tied one under its first name."""
+    deltas = delta_parameter_names(backbone)
+    delta_ids = {
+        id(parameter)
+        for name, parameter in backbone.named_parameters(remove_duplicate=False)
+        if name in deltas
+    }
+    return {
+        name: parameter
+        for name, parameter in backbone.named_parameters()
+        if parameter.requires_grad and id(parameter) not in delta_ids
+    }
+
+
+# Saving
+
+
+def save_finetuned(delta_model, path: str | Path, format: str) -> Path:
+    """Write `delta_model`'s deltas and trained head to the directory `path` in `format`."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be 'fastdelta' or 'peft', got {format!r}")
+    _check_savable(delta_model)
+    backbone = delta_model.backbone_model
+    owned = owned_parameters(delta_model)
+    owned_ids = {id(parameter) for parameter in owned.values()}
+    head = {
+        name: parameter
+        for name, parameter in head_parameters(backbone).items()
+        if id(parameter) not in owned_ids
+    }
+    if format == "peft":
+        return _save_peft(delta_model, path, owned, head)
+    tensors = {**owned, **head}
+    config = {
+        **delta_model.config.to_dict(),
+        "backbone_class": backbone_class_name(backbone),
+        "backbone_checkpoint_name": checkpoint_name(backbone),
+        "targets": [attachment.host_name for attachment in delta_model.attachments],
+        "frozen_tensors": sorted(name for name, p in tensors.items() if not p.requires_grad),
+        "head_tensors": sorted(head),
+        "fastdelta_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    return write_checkpoint(path, config, tensors)
+
+
+def _check_savable(delta_model) -> None:
+    attachments = delta_model.attachments
+    kind = type(delta_model).__name__
+    if not attachments:
+        raise RuntimeError(
+            f"Nothing to save: this {kind} has no deltas (merge_and_unload() took them off)"
+        )
+    detached = [attachment.host_name for attachment in attachments if not attachment.attached]
+    if len(detached) == len(attachments):
+        raise RuntimeError(
+            "Nothing to save: every delta is detached; call attach() before save_finetuned()"
+        )
+    if detached:
+        shown = ", ".join(detached[:5]) + (f" and {len(detached) - 5} more" if detached[5:] else "")
+        raise RuntimeError(
+            f"{len(detached)} of the {len(attachments)} deltas of this {kind} are detached "
+            f"({shown}), and a checkpoint holds all of a delta model's deltas: call attach() "
+            "before save_finetuned()"
+        )
+    if any(getattr(attachment.delta, "merged", False) for attachment in attachments):
+        raise RuntimeError(
+            "The LoRA deltas are merged into the backbone's weights: call unmerge() before "
+            "save_finetuned(), so the checkpoint holds the deltas themselves"
+        )
+
+
+def _save_peft(delta_model, path, owned: dict, head: dict) -> Path:
+    backbone = delta_model.backbone_model
+    attachments = delta_model.attachments
+    if not all(isinstance(attachment.delta, LoraDelta) for attachment in attachments):
+        raise ValueError(
+            f"format='peft' saves LoRA deltas, and this {type(delta_model).__name__} has none: "
+            "save it with format='fastdelta'"
+        )
+    conv1d = {is_conv1d(backbone.get_submodule(a.host_name)) for a in attachments}
+    if len(conv1d) > 1:
+        raise ValueError(
+            "PEFT's fan_in_fan_out is one setting per adapter, but these deltas modify both "
+            "Conv1D and Linear layers: save them with format='fastdelta'"
+        )
+    heads = sorted({name.rpartition(".")[0] for name in head})
+    hosts = {attachment.host_name for attachment in attachments}
+    tangled = [name for name in heads if any(h == name or h.startswith(name + ".") for h in hosts)]
+    if tangled:
+        raise ValueError(
+            f"PEFT's layout saves whole modules besides the LoRA deltas, but {tangled[0]!r} "
+            "holds a LoRA layer and has trainable parameters of its own: call "
+            "delta_model.freeze_module() before save_finetuned(format='peft')"
+        )
+    tensors = dict(owned)
+    for name in heads:
+        for parameter_name, parameter in backbone.get_submodule(name).named_parameters():
+            tensors[f"{name}.{parameter_name}"] = parameter
+    config = peft_config(
+        delta_model.config.to_dict(),
+        [attachment.host_name for attachment in attachments],
+        conv1d.pop(),
+        heads,
+        checkpoint_name(backbone),
+    )
+    return write_peft(path, config, tensors)
+
+
+# Loading
+
+
+def read_arguments(path: str | Path) -> dict[str, Any]:
+    """The delta config arguments (with delta_type) of the checkpoint directory `path`."""
+    source = directory_path(path)
+    if checkpoint_format(source) == "peft":
+        return lora_arguments(read_peft_config(source), None)
+    arguments, _ = split_config(read_config(source))
+    _check_complete(arguments, source)
+    return arguments
+
+
+def _check_complete(arguments: dict[str, Any], source: Path) -> None:
+    """Every argument the deltas depend on must be in config.json: a default in place of a lost
+    value would load other deltas than the ones saved."""
+    config_class = config_class_for(arguments["delta_type"])
+    missing = sorted(
+        field.name for field in dataclasses.fields(config_class) if field.name not in arguments
+    )
+    if missing:
+        raise ValueError(
+            f"{source / CONFIG_NAME} lacks {', '.join(missing)}, which the saved "
+            f"{config_class.delta_type} deltas depend on (fastdelta writes every argument): the "
+            "file was edited or truncated; restore it, or write the values it was trained with"
+        )
+
+
+def read_checkpoint(path: str | Path, backbone: nn.Module) -> Checkpoint:
+    """The checkpoint at `path` (either format), with its config checked for `backbone`."""
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone_model must be a torch.nn.Module, got {type(backbone).__name__}")
+    source = directory_path(path)
+    if checkpoint_format(source) == "peft":
+        config = read_peft_config(source)
+        targets = peft_targets(backbone, config)
+        head = [
+            f"{name}.{parameter_name}"
+            for name in peft_heads(backbone, config)
+            for parameter_name, _ in backbone.get_submodule(name).named_parameters()
+        ]
+        arguments = lora_arguments(config, targets, backbone)
+        return Checkpoint(source, arguments, read_peft_tensors(source), None, head, [])
+    arguments, metadata = split_config(read_config(source))
+    _check_complete(arguments, source)
+    check_backbone(metadata, backbone, source)
+    return Checkpoint(
+        source,
+        arguments,
+        read_tensors(source),
+        metadata["targets"],
+        metadata.get("head_tensors"),
+        metadata["frozen_tensors"],
+    )
+
+
+def build_from_checkpoint(
+    delta_class, checkpoint: Checkpoint, backbone: nn.Module, allow_non_finite: bool = False
+):
+    """A `delta_class` model on `backbone` with the checkpoint's deltas, or, if anything does
+    not fit, an error with the backbone left as it was."""
+    config = delta_class.config_class.from_dict(checkpoint.arguments)
+    check_tensor_values(checkpoint.tensors, checkpoint.source, allow_non_finite)
+    delta_model = delta_class.from_config(config, backbone)
+    try:
+        _check_targets(delta_model, checkpoint)
+        _load(delta_model, checkpoint)
+    except Exception:
+        # Nothing was copied yet (every check comes first): take the new deltas off again.
+        for attachment in reversed(delta_model.attachments):
+            detach_delta(backbone.get_submodule(attachment.host_name), attachment.delta_name)
+        delta_model.attachments.clear()
+        raise
+    return delta_model
+
+
+def load_into(delta_model, path: str | Path, allow_non_finite: bool = False) -> None:
+    """Load the fastdelta checkpoint at `path` into `delta_model`, which must have been built
+    with the same arguments on the same kind of backbone (resuming a training run)."""
+    if not all(attachment.attached for attachment in delta_model.attachments):
+        raise RuntimeError("Some deltas are detached: call attach() before loading into them")
+    checkpoint = read_checkpoint(path, delta_model.backbone_model)
+    saved = config_class_for(checkpoint.delta_type).from_dict(checkpoint.arguments).to_dict()
+    current = delta_model.config.to_dict()
+    differences = sorted(
+        key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key)
+    )
+    if differences:
+        raise ValueError(
+            f"The delta checkpoint {str(path)!r} was written by a delta model built with other "
+            "arguments: "
+            + "; ".join(
+                f"{key}={saved.get(key)!r} there, {current.get(key)!r} here" for key in differences
+            )
+            + ". Build it with the checkpoint's arguments (AutoDeltaModel.from_finetuned)"
+        )
+    check_tensor_values(checkpoint.tensors, checkpoint.source, allow_non_finite)
+    _check_targets(delta_model, checkpoint)
+    _load(delta_model, checkpoint)
+
+
+def _check_targets(delta_model, checkpoint: Checkpoint) -> None:
+    if checkpoint.targets is None:
+        return
+    built = {attachment.host_name for attachment in delta_model.attachments}
+    saved = set(checkpoint.targets)
+    if built != saved:
+        differences = [
+            f"saved on {name} but built without it" for name in sorted(saved - built)[:3]
+        ] + [f"built on {name} but not saved there" for name in sorted(built - saved)[:3]]
+        raise ValueError(
+            f"The delta checkpoint {str(checkpoint.source)!r} holds deltas on other modules "
+            f"than its config builds on this {type(delta_model.backbone_model).__name__}: "
+            + "; ".join(differences)
+            + ". Its modified_modules / exclude_modules were edited, or the backbone is not the "
+            "one it was trained on"
+        )
+
+
+def _load(delta_model, checkpoint: Checkpoint) -> None:
+    backbone = delta_model.backbone_model
+    owned = set(owned_parameters(delta_model))
+    load_tensors(
+        backbone,
+        checkpoint.tensors,
+        checkpoint.source,
+        description=f"{delta_model.delta_type} model",
+        owned=owned,
+        foreign=delta_parameter_names(backbone) - owned,
+        head=checkpoint.head,
+        frozen=checkpoint.frozen,
+    )

@@ -1,0 +1,79 @@
+"""Targets on which a delta would silently do nothing, or the wrong thing: refused by name.
+
+- A module whose parent reads its weights instead of calling it: `nn.MultiheadAttention` computes
+  with `out_proj.weight` and `out_proj.bias` directly, so a delta in `out_proj`'s forward would
+  never run (training its existing bias in place, as BitFit does, works).
+- An `nn.Linear` (or `Conv1D`) subclass with a forward of its own: LoRA computes the layer itself
+  (x W^T + b with the low-rank term), so the subclass's forward would be dropped.
+- A LoRA weight tied to another parameter (a language model head tied to the embeddings): merging
+  the delta into it would change the other module too.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fastdelta.injection import original_class
+from fastdelta.pseudo_input import is_conv1d
+
+# Modules whose forward reads the weights of a child instead of calling it.
+WEIGHT_READING_PARENTS = (nn.MultiheadAttention,)
+
+
+def check_target_runs(backbone: nn.Module, host_name: str, role: str | None) -> None:
+    """Refuse a delta in the forward of a module that its parent never calls."""
+    if role is None or not host_name:
+        return
+    segments = host_name.split(".")
+    for depth in range(len(segments)):
+        parent_name = ".".join(segments[:depth])
+        parent = backbone.get_submodule(parent_name)
+        if isinstance(parent, WEIGHT_READING_PARENTS):
+            raise TypeError(
+                f"{host_name} is inside {parent_name or 'the backbone'}, a "
+                f"{type(parent).__name__}, which reads {host_name.split('.')[-1]}'s weights "
+                "directly and never calls its forward, so a delta there would never run: "
+                f"target {parent_name or 'the backbone'} itself (adapters), or exclude "
+                f"{host_name} (exclude_modules)"
+            )
+
+
+def check_forward_replaceable(module: nn.Module, name: str) -> None:
+    """Refuse LoRA on a linear layer whose class has its own forward, which LoRA would drop."""
+    cls = original_class(module)
+    plain = nn.Linear.forward if isinstance(module, nn.Linear) else None
+    if is_conv1d(module):
+        plain = next(base.forward for base in cls.__mro__ if base.__name__ == "Conv1D")
+    if plain is not None and cls.forward is not plain:
+        kind = "nn.Linear" if isinstance(module, nn.Linear) else "Conv1D"
+        raise TypeError(
+            f"{name} is a {cls.__name__}, a {kind} subclass with a forward of its own, which "
+            f"LoRA would replace (it computes x W^T + b itself), changing the output even with "
+            f"a zero delta: exclude {name} (exclude_modules), or give LoRA plain {kind} layers"
+        )
+
+
+def tied_names(backbone: nn.Module) -> dict[int, list[str]]:
+    """For each parameter of `backbone` known under more than one name: id -> its names."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in backbone.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return {key: value for key, value in names.items() if len(value) > 1}
+
+
+def check_mergeable(backbone: nn.Module, host_names: list[str]) -> None:
+    """Refuse merging LoRA into a weight that another module shares."""
+    tied = tied_names(backbone)
+    for host_name in host_names:
+        weight = backbone.get_submodule(host_name).weight
+        if id(weight) in tied:
+            own = f"{host_name}.weight"
+            others = [name for name in tied[id(weight)] if name != own]
+            raise ValueError(
+                f"{own} is tied to {', '.join(others)} (one tensor), so merging the LoRA delta "
+                f"of {host_name} would change {', '.join(others)} too. Keep that delta unmerged "
+                f"(merge(module=...) the others), exclude {host_name} from the LoRA targets, or "
+                f"untie the weight first: {host_name}.weight = "
+                f"nn.Parameter({host_name}.weight.detach().clone()), and set "
+                "model.config.tie_word_embeddings = False so that transformers does not retie it"
+            )
