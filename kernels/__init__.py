@@ -6,7 +6,8 @@ This package is the "triton" backend: it provides the same functions as
 
 from ._common import INTERPRETED
 from .adapter import adapter_backward, adapter_forward
-from .lora import dropout_keep_mask, lora_backward, lora_forward
+from .lora import dropout_keep_mask, lora_forward
+from .lora_backward import lora_backward
 
 __all__ = [
     "INTERPRETED",

@@ -38,9 +38,18 @@ def autotuned(configs: list[triton.Config], key: list[str], **options):
     return decorate
 
 
+# While fastdelta.kernels.aot records the launches the launchers make (on meta tensors, to
+# compile them for real GPUs without one), it sets this to a function that launch() calls with
+# (kernel, grid, args, constants) instead of launching.
+launch_recorder = None
+
+
 def launch(kernel, grid, *args, **constants) -> None:
     """Launch `kernel` (plain or autotuned) on the current device; the interpreter gets
     INTERPRETER_BLOCKS for the block sizes the autotuner would otherwise choose."""
+    if launch_recorder is not None:
+        launch_recorder(kernel, grid, args, constants)
+        return
     if INTERPRETED:
         names = kernel.arg_names
         constants = {**{k: v for k, v in INTERPRETER_BLOCKS.items() if k in names}, **constants}
@@ -54,6 +63,29 @@ def block_r(rank: int, largest: int = MAX_BLOCK_R) -> int:
     """The tile width of a rank chunk: a power of two, at least 16 (tl.dot's minimum), at most
     `largest`; a rank wider than that is split into chunks of this width."""
     return max(16, min(triton.next_power_of_2(rank), largest))
+
+
+# The widest rank chunk a kernel reduces over with the chunk's first operand held in float32
+# registers (xa, act(pre), d(pre): the epilogues' loops). Every warp along a tile's columns
+# holds its rows' whole chunk, and with a tile of 16 rows every warp holds all of it, so these
+# chunks are narrower: 64, and 32 for row counts up to 16. A dot on FMA units (float32 with
+# TF32 off) holds the chunk's whole width of both operands for each of a thread's outputs:
+# 32 there too.
+MAX_LOOP_BLOCK_R = 64
+NARROW_BLOCK_R = 32
+
+
+def rank_chunk(rank: int, dtype: torch.dtype, largest: int = MAX_BLOCK_R) -> int:
+    """block_r(rank) for kernels on `dtype` tensors, with narrower chunks for FMA dots."""
+    if dot_precision(dtype) == "ieee":
+        largest = min(largest, NARROW_BLOCK_R)
+    return block_r(rank, largest)
+
+
+def loop_chunk(rank: int, rows: int, dtype: torch.dtype) -> int:
+    """The rank chunk of a loop over the rank whose first operand is held in registers (see
+    MAX_LOOP_BLOCK_R), for a problem of `rows` rows."""
+    return rank_chunk(rank, dtype, NARROW_BLOCK_R if rows <= 16 else MAX_LOOP_BLOCK_R)
 
 
 def m_bucket(m: int) -> int:

@@ -3,9 +3,10 @@
 out = residual + s * (act(h D^T + b_d) U^T + b_u); h [M, d_in], D [m, d_in], U [d_out, m],
 residual [M, d_out] (h itself for a sequential adapter), pre = h D^T + b_d [M, m] float32.
 
-Forward, m <= MAX_FUSED_RANK: one launch. Each program takes BLOCK_M rows, computes their
-  pre-activation over d_in, stores it (small, [M, m], for the backward), keeps act(pre)
-  on-chip, and sweeps d_out writing out = residual + s * (act U^T + b_u).
+Forward, m <= MAX_FUSED_RANK (MAX_FMA_BLOCK_R for dots on FMA units): one launch. Each
+  program takes BLOCK_M rows, computes their pre-activation over d_in, stores it (small,
+  [M, m], for the backward), keeps act(pre) on-chip, and sweeps d_out writing
+  out = residual + s * (act U^T + b_u).
 Forward, larger m: _forward_kernel writes pre, a program per rank chunk, then _up_kernel
   computes out per [BLOCK_M, BLOCK_N] tile, reducing over m in chunks.
 Backward, from h and pre alone (the activation is recomputed):
@@ -24,14 +25,16 @@ import triton.language as tl
 
 from . import configs
 from ._common import (
+    MAX_BLOCK_R,
     autotuned,
-    block_r,
     dot_precision,
     launch,
     load_tile,
     load_vector,
+    loop_chunk,
     m_bucket,
     mma,
+    rank_chunk,
     row_block_grid,
     swizzle,
     tile_grid,
@@ -39,29 +42,86 @@ from ._common import (
 from .activations import activate, activate_grad
 from .reduction import transposed_product
 
-# Bottlenecks up to this size are one tile, kept on-chip between the two products.
-MAX_FUSED_RANK = 256
+# Bottlenecks up to this size are one tile, kept on-chip between the two products: act(pre) is
+# the second product's first operand, held in float32 registers by every warp along its rows
+# with the activation's temporaries. Wider ones (and with odd sizes) leave no tile that fits
+# registers (the compile suite's measure); the split path costs one more read of pre,
+# [M, m] float32, beside out's [M, d_out].
+MAX_FUSED_RANK = 64
 
 
 def _forward_footprint(values: dict) -> configs.Footprint:
     m, k, n, r = (values[name] for name in ("BLOCK_M", "BLOCK_K", "BLOCK_N", "BLOCK_R"))
-    fused = values["FUSED"]
+    d_out, fused = values["D_OUT"], values["FUSED"]
+    epilogue, stores = (), (configs.tile(m * r, values["pre_ptr"], values["R"]),)
+    if fused:
+        epilogue = (
+            configs.tile(r * n, values["uw_ptr"], values["R"], held="float32"),
+            configs.tile(m * n, values["res_ptr"], d_out, held="float32"),
+        )
+        stores += (configs.tile(m * n, values["out_ptr"], d_out),)
     return configs.Footprint(
         accumulators=m * r + (m * n if fused else 0),
-        stage=m * k + k * r,
-        epilogue=m * r + r * n if fused else 0,
+        dots=((m * r, k), (m * n, r)) if fused else ((m * r, k),),
+        loads=(
+            configs.tile(m * k, values["h_ptr"], values["D_IN"]),
+            configs.tile(k * r, values["dw_ptr"], values["D_IN"]),
+        ),
+        epilogue=epilogue,
+        stores=stores,
+        register_operand=(m, r) if fused else (0, 0),
+        operand_math=2,
     )
 
 
-def _tile_footprint(values: dict) -> configs.Footprint:
-    """_up_kernel and _grad_h_kernel: a [BLOCK_M, BLOCK_N] tile, a rank chunk a step."""
+def _up_footprint(values: dict) -> configs.Footprint:
     m, n, r = values["BLOCK_M"], values["BLOCK_N"], values["BLOCK_R"]
-    return configs.Footprint(accumulators=m * n, stage=m * r + r * n)
+    d_out = values["D_OUT"]
+    return configs.Footprint(
+        accumulators=m * n,
+        dots=((m * n, r),),
+        loads=(
+            configs.tile(m * r, values["pre_ptr"], values["R"], held="float32"),
+            configs.tile(r * n, values["uw_ptr"], values["R"], held="float32"),
+        ),
+        epilogue=(configs.tile(m * n, values["res_ptr"], d_out, held="float32"),),
+        stores=(configs.tile(m * n, values["out_ptr"], d_out),),
+        register_operand=(m, r),
+        operand_math=2,
+    )
 
 
 def _grad_pre_footprint(values: dict) -> configs.Footprint:
     m, n, r = values["BLOCK_M"], values["BLOCK_N"], values["BLOCK_R"]
-    return configs.Footprint(accumulators=2 * m * r, stage=m * n + n * r)
+    return configs.Footprint(
+        accumulators=2 * m * r,  # d(act) and act'(pre)
+        dots=((m * r, n),),
+        loads=(
+            configs.tile(m * n, values["dy_ptr"], values["D_OUT"]),
+            configs.tile(n * r, values["uw_ptr"], values["R"]),
+        ),
+        epilogue=(configs.tile(m * r, values["pre_ptr"], values["R"], held="float32"),),
+        stores=(configs.tile(m * r, values["dpre_ptr"], values["R"]),),
+    )
+
+
+def _grad_h_footprint(values: dict) -> configs.Footprint:
+    m, n, r = values["BLOCK_M"], values["BLOCK_N"], values["BLOCK_R"]
+    dh, d_in = values["dh_ptr"], values["D_IN"]
+    epilogue = ()
+    if values["SEQUENTIAL"]:
+        epilogue = (configs.tile(m * n, values["dy_ptr"], d_in, held="float32"),)
+    return configs.Footprint(
+        accumulators=m * n,
+        dots=((m * n, r),),
+        loads=(
+            configs.tile(m * r, values["dpre_ptr"], values["R"], held="loaded"),
+            configs.tile(r * n, values["dw_ptr"], d_in, held="float32"),
+        ),
+        epilogue=epilogue,
+        stores=(configs.tile(m * n, dh, d_in),),
+        register_operand=(m, r),
+    )
 
 
 def _prune(footprint, operand, *fitted):
@@ -136,7 +196,7 @@ def _store_out(
 @autotuned(
     _TILES,
     key=["D_OUT", "R", "BLOCK_R", "ACT", "M_BUCKET"],
-    prune_configs_by=_prune(_tile_footprint, "res_ptr", "BLOCK_M:M", "BLOCK_N:D_OUT"),
+    prune_configs_by=_prune(_up_footprint, "res_ptr", "BLOCK_M:M", "BLOCK_N:D_OUT"),
 )
 @triton.jit
 def _up_kernel(
@@ -194,13 +254,14 @@ def _grad_pre_kernel(
     pre_offsets = rm[:, None] * R + rr[None, :]
     pre_mask = mask_m[:, None] & mask_r[None, :]
     pre = tl.load(pre_ptr + pre_offsets, mask=pre_mask, other=0.0)
-    tl.store(dpre_ptr + pre_offsets, d_act * scaling * activate_grad(pre, ACT), mask=pre_mask)
+    d_pre = d_act * scaling * activate_grad(pre, ACT)
+    tl.store(dpre_ptr + pre_offsets, d_pre, mask=pre_mask)
 
 
 @autotuned(
     _TILES,
     key=["D_IN", "R", "BLOCK_R", "SEQUENTIAL", "M_BUCKET"],
-    prune_configs_by=_prune(_tile_footprint, "dh_ptr", "BLOCK_M:M", "BLOCK_N:D_IN"),
+    prune_configs_by=_prune(_grad_h_footprint, "dh_ptr", "BLOCK_M:M", "BLOCK_N:D_IN"),
 )
 @triton.jit
 def _grad_h_kernel(
@@ -252,9 +313,9 @@ def adapter_forward(
     residual2d = h2d if residual is None else residual.reshape(m, d_out)
     out = torch.empty((m, d_out), dtype=h.dtype, device=h.device)
     pre = torch.empty((m, rank), dtype=torch.float32, device=h.device)
-    fused = rank <= MAX_FUSED_RANK
-    chunk = block_r(rank, MAX_FUSED_RANK) if fused else block_r(rank)
-    common = {"ACT": activation, "PRECISION": dot_precision(h.dtype), "BLOCK_R": chunk}
+    fused = rank <= rank_chunk(rank, h.dtype, MAX_FUSED_RANK)
+    chunk = rank_chunk(rank, h.dtype, MAX_FUSED_RANK if fused else MAX_BLOCK_R)
+    common = {"ACT": activation, "PRECISION": dot_precision(h.dtype)}
     if m > 0:
         launch(
             _forward_kernel,
@@ -266,7 +327,7 @@ def adapter_forward(
             _stride(up_bias), *residual2d.stride(),
             scaling,
             HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None,
-            FUSED=fused, **common,
+            FUSED=fused, BLOCK_R=chunk, **common,
         )  # fmt: skip
     if m > 0 and not fused:
         launch(
@@ -276,7 +337,7 @@ def adapter_forward(
             m, d_out, rank, m_bucket(m),
             *up_weight.stride(), _stride(up_bias), *residual2d.stride(),
             scaling,
-            HAS_UP_BIAS=up_bias is not None, **common,
+            HAS_UP_BIAS=up_bias is not None, BLOCK_R=loop_chunk(rank, m, h.dtype), **common,
         )  # fmt: skip
     leading = h.shape[:-1]
     return out.view(*leading, d_out), pre.view(*leading, rank)
@@ -307,12 +368,12 @@ def adapter_backward(
             for like, needed in zip(likes, needs, strict=True)
         )
     pre2d = pre.reshape(m, rank)
-    chunk = block_r(rank)
+    chunk = rank_chunk(rank, h.dtype)
     precision = dot_precision(h.dtype)
     grad_h = grad_down_weight = grad_down_bias = grad_up_weight = grad_up_bias = None
     if need_up_weight:
         grad_up, grad_up_bias = transposed_product(
-            grad2d, pre2d, scale=scaling, transform="activation", activation=activation,
+            grad2d, pre2d, left_scale=scaling, transform="activation", activation=activation,
             column_sums=need_up_bias,
         )  # fmt: skip
         grad_up_weight = grad_up.to(up_weight.dtype)
@@ -344,7 +405,8 @@ def adapter_backward(
                 grad_pre, down_weight, grad2d, grad_h,
                 m, d_in, rank, m_bucket(m),
                 *down_weight.stride(), *grad2d.stride(),
-                SEQUENTIAL=sequential, PRECISION=precision, BLOCK_R=chunk,
+                SEQUENTIAL=sequential, PRECISION=precision,
+                BLOCK_R=loop_chunk(rank, m, h.dtype),
             )  # fmt: skip
             grad_h = grad_h.view(h.shape)
     return (

@@ -1,24 +1,20 @@
-"""The fused LoRA linear in Triton: y = x W^T + b + s * (drop(x) A^T) B^T, forward and backward.
+"""The fused LoRA linear in Triton, forward: y = x W^T + b + s * (drop(x) A^T) B^T.
 
 Shapes: x [M, K], W [N, K] (nn.Linear) or [K, N] (GPT-2's Conv1D, read through its strides,
-never copied), A [r, K], B [N, r], xa = drop(x) A^T / (1 - p) [M, r] in float32. A rank wider
-than MAX_BLOCK_R is split into chunks: one program per chunk where the chunk is a result
-(xa, dxa), a loop over the chunks where the rank is reduced over (the epilogues).
+never copied), A [r, K], B [N, r], xa = drop(x) A^T / (1 - p) [M, r] in float32. A wide rank
+is split into chunks (see _common.rank_chunk): one program per chunk where the chunk is a
+result (xa), a loop over the chunks where the rank is reduced over (the epilogue).
 
-Forward, fused (one launch when M <= SMALL_M and the rank is one chunk, else two):
+Fused (one launch when M <= SMALL_M and the rank is one epilogue chunk, else two):
   _down_kernel     xa = drop(x) A^T / (1 - p), the dropout mask drawn in-kernel from a seed.
   _forward_kernel  y = x W^T + b + s * xa B^T: the low-rank product and the bias are added in
                    the GEMM's epilogue, so y is the only [M, N] tensor written. For small M it
                    also computes xa from the x tiles it holds (COMPUTE_XA: one launch).
-Forward, composed: cuBLAS writes y = x W^T + b, and _forward_kernel (BASE_IN_Y) adds s * xa B^T
-  into it. `dispatch` picks the faster per shape bucket; float32 with TF32 off always composes
-  (its tl.dot would run the main GEMM on FMA units).
-Backward, from x, xa and the seed alone:
-  _grad_xa_kernel  dxa = s / (1 - p) * dY B (float32).
-  _grad_x_kernel   dX = dY W + drop'(dxa A), the mask drawn again; composed: cuBLAS's dY W,
-                   then the same kernel adds the low-rank term (BASE_IN_DX).
-  dB = s dY^T xa and dA = dxa^T drop(x): `reduction.transposed_product`, in a fixed order.
-dW and db, only for a trainable base, are plain matmuls (cuBLAS).
+Composed: cuBLAS writes y = x W^T + b, and _forward_kernel (BASE_IN_Y) adds s * xa B^T into
+  it. `dispatch` picks the faster per shape bucket for float16 and bfloat16. Float32 always
+  composes: its tl.dot would run the GEMM on FMA units (TF32 off) or, on sm_90, copy
+  transposed float32 tiles to shared memory 4 bytes at a time (TF32 on); cuBLAS does neither.
+The backward is in lora_backward.py.
 """
 
 from __future__ import annotations
@@ -27,50 +23,70 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdelta.ops.torch_backend import base_grads, base_weight
+from fastdelta.ops.torch_backend import base_weight
 
 from . import configs, dispatch
 from ._common import (
     autotuned,
-    block_r,
     dot_precision,
     drop,
     launch,
     load_tile,
     load_vector,
+    loop_chunk,
     m_bucket,
     mma,
+    rank_chunk,
     row_block_grid,
     swizzle,
     tile_grid,
     unused_seed,
 )
-from .reduction import transposed_product
 
 # Rows at or below which the fused forward is one launch that recomputes xa per column block.
 SMALL_M = 16
 
 
-def _rows_footprint(values: dict) -> configs.Footprint:
-    """_down_kernel and _grad_xa_kernel: a [BLOCK_M, BLOCK_R] result, BLOCK_K a step."""
+def _down_footprint(values: dict) -> configs.Footprint:
     m, k, r = values["BLOCK_M"], values["BLOCK_K"], values["BLOCK_R"]
-    return configs.Footprint(accumulators=m * r, stage=m * k + k * r)
+    dropout = values["HAS_DROPOUT"]
+    return configs.Footprint(
+        accumulators=m * r,
+        dots=((m * r, k),),
+        loads=(
+            configs.tile(m * k, values["x_ptr"], values["K"], held="loaded" if dropout else ""),
+            configs.tile(k * r, values["a_ptr"], values["K"]),
+        ),
+        stores=(configs.tile(m * r, values["xa_ptr"], values["R"]),),
+        dropped=m * k if dropout else 0,
+    )
 
 
 def _forward_footprint(values: dict) -> configs.Footprint:
     m, n, k, r = (values[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"))
-    with_xa = values["COMPUTE_XA"]
-    main_loop = 0 if values["BASE_IN_Y"] else m * k + k * n + (k * r if with_xa else 0)
+    with_xa, composed = values["COMPUTE_XA"], values["BASE_IN_Y"]
+    y, xa, big_r = values["y_ptr"], values["xa_ptr"], values["R"]
+    loads, epilogue = (), (configs.tile(r * n, values["b_ptr"], big_r, held="float32"),)
+    if composed:
+        epilogue += (configs.tile(m * n, y, values["N"], held="float32"),)
+    else:
+        loads = (
+            configs.tile(m * k, values["x_ptr"], values["K"]),
+            configs.tile(k * n, values["w_ptr"], values["K"], values["N"]),
+        )
+        if with_xa:
+            loads += (configs.tile(k * r, values["a_ptr"], values["K"]),)
+    if not with_xa:
+        epilogue += (configs.tile(m * r, xa, big_r, held="float32"),)
     return configs.Footprint(
-        accumulators=m * n + (m * r if with_xa else 0), stage=main_loop, epilogue=m * r + r * n
+        accumulators=m * n + (m * r if with_xa else 0),
+        dots=((m * n, r),) if composed else ((m * n, k), (m * n, r)),
+        loads=loads,
+        epilogue=epilogue,
+        stores=(configs.tile(m * n, y, values["N"]), configs.tile(m * r, xa, big_r)),
+        register_operand=(m, r),
+        dropped=m * k if with_xa and values["HAS_DROPOUT"] else 0,
     )
-
-
-def _grad_x_footprint(values: dict) -> configs.Footprint:
-    m, n, k, r = (values[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"))
-    main_loop = 0 if values["BASE_IN_DX"] else m * n + n * k
-    lora = m * k if values["HAS_DROPOUT"] else 0
-    return configs.Footprint(accumulators=m * k + lora, stage=main_loop, epilogue=m * r + r * k)
 
 
 def _prune(footprint, operand, *fitted):
@@ -80,7 +96,7 @@ def _prune(footprint, operand, *fitted):
 @autotuned(
     configs.make(configs.ROW_SHAPES, names=("BLOCK_M", "BLOCK_K")),
     key=["K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"],
-    prune_configs_by=_prune(_rows_footprint, "x_ptr", "BLOCK_M:M"),
+    prune_configs_by=_prune(_down_footprint, "x_ptr", "BLOCK_M:M"),
 )
 @triton.jit
 def _down_kernel(
@@ -162,7 +178,7 @@ def _forward_kernel(
         b = load_tile(b_ptr, rr, rn, stride_br, stride_bn, rr < R, mask_n)
         acc = mma(xa * scaling, b.to(tl.float32), acc, PRECISION)
     else:
-        for r0 in range(0, R, BLOCK_R):
+        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
             chunk = r0 + rr
             mask_r = chunk < R
             xa_mask = mask_m[:, None] & mask_r[None, :]
@@ -190,93 +206,6 @@ _add_low_rank = autotuned(
 )(_forward_kernel)
 
 
-@autotuned(
-    configs.make(configs.ROW_SHAPES, names=("BLOCK_M", "BLOCK_K")),
-    key=["N", "BLOCK_R", "M_BUCKET"],
-    prune_configs_by=_prune(_rows_footprint, "dy_ptr", "BLOCK_M:M"),
-)
-@triton.jit
-def _grad_xa_kernel(
-    dy_ptr, b_ptr, dxa_ptr,
-    M, N, R, M_BUCKET,
-    stride_dym, stride_dyn, stride_bn, stride_br,
-    scale,
-    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """dxa[:, chunk] = scale * dY B[:, chunk] (float32), BLOCK_K columns of dY a step.
-    Program (row block, rank chunk)."""
-    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_m = rm < M
-    mask_r = rr < R
-    dxa = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for n0 in range(0, N, BLOCK_K):
-        rn = n0 + tl.arange(0, BLOCK_K)
-        mask_n = rn < N
-        dy = load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, mask_m, mask_n)
-        b = load_tile(b_ptr, rn, rr, stride_bn, stride_br, mask_n, mask_r)
-        dxa = mma(dy, b, dxa, PRECISION)
-    dxa_mask = mask_m[:, None] & mask_r[None, :]
-    tl.store(dxa_ptr + rm[:, None] * R + rr[None, :], dxa * scale, mask=dxa_mask)
-
-
-@triton.jit
-def _grad_x_kernel(
-    dy_ptr, w_ptr, a_ptr, dxa_ptr, dx_ptr, seed_ptr,
-    M, N, K, R, M_BUCKET,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
-    dropout_p,
-    HAS_DROPOUT: tl.constexpr, BASE_IN_DX: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    """dX = dY W + drop'(dxa A) per [BLOCK_M, BLOCK_K] tile (dxa carries s / (1 - p)); with
-    BASE_IN_DX, dX already holds dY W (cuBLAS's) and only the low-rank term is added."""
-    pid_m, pid_k = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rk = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    mask_m = rm < M
-    mask_k = rk < K
-    dx_offsets = rm[:, None] * K + rk[None, :]
-    dx_mask = mask_m[:, None] & mask_k[None, :]
-    if BASE_IN_DX:
-        acc = tl.load(dx_ptr + dx_offsets, mask=dx_mask, other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            rn = n0 + tl.arange(0, BLOCK_N)
-            mask_n = rn < N
-            dy = load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, mask_m, mask_n)
-            w = load_tile(w_ptr, rn, rk, stride_wn, stride_wk, mask_n, mask_k)
-            acc = mma(dy, w, acc, PRECISION)
-    lora = tl.zeros((BLOCK_M, BLOCK_K), tl.float32) if HAS_DROPOUT else acc
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        mask_r = rr < R
-        dxa_mask = mask_m[:, None] & mask_r[None, :]
-        dxa = tl.load(dxa_ptr + rm[:, None] * R + rr[None, :], mask=dxa_mask, other=0.0)
-        a = load_tile(a_ptr, rr, rk, stride_ar, stride_ak, mask_r, mask_k)
-        lora = mma(dxa, a.to(tl.float32), lora, PRECISION)
-    if HAS_DROPOUT:
-        acc += drop(lora, tl.load(seed_ptr), rm, rk, K, dropout_p)
-    else:
-        acc = lora
-    tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
-
-
-_GRAD_X_KEY = ["N", "K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"]
-_grad_x_fused = autotuned(
-    configs.GEMM,
-    key=_GRAD_X_KEY,
-    prune_configs_by=_prune(_grad_x_footprint, "dy_ptr", "BLOCK_N:N", "BLOCK_K:K"),
-)(_grad_x_kernel)
-_add_low_rank_grad = autotuned(
-    configs.make(configs.TILE_SHAPES, names=("BLOCK_M", "BLOCK_K"), extra={"GROUP_M": 8}),
-    key=["K", "R", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"],
-    prune_configs_by=_prune(_grad_x_footprint, "dx_ptr", "BLOCK_M:M", "BLOCK_K:K"),
-)(_grad_x_kernel)
-
-
 @triton.jit
 def _keep_mask_kernel(keep_ptr, seed_ptr, M, K, dropout_p, BLOCK: tl.constexpr):
     """The dropout keep-mask the kernels above draw for an [M, K] input, as int8 (for tests)."""
@@ -287,22 +216,22 @@ def _keep_mask_kernel(keep_ptr, seed_ptr, M, K, dropout_p, BLOCK: tl.constexpr):
     tl.store(keep_ptr + rm * K + rk[None, :], keep, mask=(rk < K)[None, :])
 
 
-def _weight_strides(weight: torch.Tensor, fan_in_fan_out: bool) -> tuple[int, int]:
+def weight_strides(weight: torch.Tensor, fan_in_fan_out: bool) -> tuple[int, int]:
     """(stride along N, stride along K) of the base weight, for either layout."""
     if fan_in_fan_out:
         return weight.stride(1), weight.stride(0)
     return weight.stride(0), weight.stride(1)
 
 
-def _dropout_arguments(seed: torch.Tensor | None, dropout_p: float, device: torch.device):
+def dropout_arguments(seed: torch.Tensor | None, dropout_p: float, device: torch.device):
     if seed is None:
         return unused_seed(device), 0.0, 1.0
     return seed, dropout_p, 1.0 / (1.0 - dropout_p)
 
 
-def _paths(dtype: torch.dtype) -> tuple[str, ...]:
-    """The forward and dX paths that can run `dtype`: float32 with TF32 off only composes."""
-    if dot_precision(dtype) == "ieee":
+def paths(dtype: torch.dtype) -> tuple[str, ...]:
+    """The forward and dX paths that can run `dtype`: float32 only composes (see above)."""
+    if dtype == torch.float32:
         return ("composed",)
     return dispatch.PATHS
 
@@ -341,8 +270,9 @@ def _forward(path, x2d, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, 
     m, k = x2d.shape
     rank, n = lora_A.shape[0], lora_B.shape[0]
     dropout_scale = 1.0 / (1.0 - dropout_p)
-    chunk = block_r(rank)
-    one_launch = path == "fused" and m <= SMALL_M and rank <= chunk
+    chunk = rank_chunk(rank, x2d.dtype)
+    epilogue_chunk = loop_chunk(rank, m, x2d.dtype)
+    one_launch = path == "fused" and m <= SMALL_M and rank <= epilogue_chunk
     if one_launch:
         xa = torch.empty((m, rank), dtype=torch.float32, device=x2d.device)
     else:
@@ -359,11 +289,12 @@ def _forward(path, x2d, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, 
         tile_grid(m, n),
         x2d, weight, y if bias is None else bias, lora_A, lora_B, xa, y, seed,
         m, n, k, rank, m_bucket(m),
-        *x2d.stride(), *_weight_strides(weight, fan_in_fan_out),
+        *x2d.stride(), *weight_strides(weight, fan_in_fan_out),
         0 if bias is None else bias.stride(0), *lora_A.stride(), *lora_B.stride(),
         scaling, dropout_p, dropout_scale,
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, COMPUTE_XA=one_launch,
-        BASE_IN_Y=path == "composed", PRECISION=dot_precision(x2d.dtype), BLOCK_R=chunk,
+        BASE_IN_Y=path == "composed", PRECISION=dot_precision(x2d.dtype),
+        BLOCK_R=epilogue_chunk,
         **extra,
     )  # fmt: skip
     return y, xa
@@ -389,91 +320,9 @@ def lora_forward(
     if m == 0:
         y = x.new_empty((*leading, n))
         return y, x.new_empty((*leading, rank), dtype=torch.float32)
-    seed, dropout_p, _ = _dropout_arguments(seed, dropout_p, x.device)
+    seed, dropout_p, _ = dropout_arguments(seed, dropout_p, x.device)
     arguments = (x2d, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out)
     key = ("lora_forward", x.device, x.dtype, n, k, rank, m_bucket(m), dropout_p > 0)
-    candidates = {path: lambda path=path: _forward(path, *arguments) for path in _paths(x.dtype)}
+    candidates = {path: lambda path=path: _forward(path, *arguments) for path in paths(x.dtype)}
     y, xa = _forward(dispatch.choose(key, x.device, candidates), *arguments)
     return y.view(*leading, n), xa.view(*leading, rank)
-
-
-def _grad_x(path, grad2d, weight, lora_A, dxa, seed, dropout_p, fan_in_fan_out):
-    """dX = dY W + drop'(dxa A) by `path`, "fused" or "composed"."""
-    m, n = grad2d.shape
-    rank, k = lora_A.shape
-    if path == "composed":
-        grad_x = grad2d @ base_weight(weight, fan_in_fan_out)
-        kernel, extra = _add_low_rank_grad, {"BLOCK_N": 16}
-    else:
-        grad_x = torch.empty((m, k), dtype=grad2d.dtype, device=grad2d.device)
-        kernel, extra = _grad_x_fused, {}
-    launch(
-        kernel,
-        tile_grid(m, k, "BLOCK_K"),
-        grad2d, weight, lora_A, dxa, grad_x, seed,
-        m, n, k, rank, m_bucket(m),
-        *grad2d.stride(), *_weight_strides(weight, fan_in_fan_out), *lora_A.stride(),
-        dropout_p,
-        HAS_DROPOUT=dropout_p > 0, BASE_IN_DX=path == "composed",
-        PRECISION=dot_precision(grad2d.dtype), BLOCK_R=block_r(rank),
-        **extra,
-    )  # fmt: skip
-    return grad_x
-
-
-def lora_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    xa: torch.Tensor,
-    seed: torch.Tensor | None,
-    scaling: float,
-    dropout_p: float,
-    fan_in_fan_out: bool,
-    needs: tuple[bool, bool, bool, bool, bool],
-) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of (x, weight, bias, lora_A, lora_B); None for those not needed."""
-    need_x, need_weight, need_bias, need_A, need_B = needs
-    k = x.shape[-1]
-    x2d = x.reshape(-1, k)
-    grad2d = grad_y.reshape(-1, grad_y.shape[-1])
-    m, n = grad2d.shape
-    rank = lora_A.shape[0]
-    grad_weight, grad_bias = base_grads(grad2d, x2d, fan_in_fan_out, need_weight, need_bias)
-    if m == 0:
-        grad_x, grad_A, grad_B = (
-            torch.zeros_like(tensor) if needed else None
-            for tensor, needed in ((x, need_x), (lora_A, need_A), (lora_B, need_B))
-        )
-        return grad_x, grad_weight, grad_bias, grad_A, grad_B
-    seed, dropout_p, dropout_scale = _dropout_arguments(seed, dropout_p, x.device)
-    grad_x = grad_A = grad_B = None
-    if need_B:
-        product, _ = transposed_product(grad2d, xa.reshape(m, rank), scale=scaling)
-        grad_B = product.to(lora_B.dtype)
-    if need_x or need_A:
-        chunk = block_r(rank)
-        grad_xa = torch.empty((m, rank), dtype=torch.float32, device=x.device)
-        launch(
-            _grad_xa_kernel,
-            row_block_grid(m, triton.cdiv(rank, chunk)),
-            grad2d, lora_B, grad_xa,
-            m, n, rank, m_bucket(m),
-            *grad2d.stride(), *lora_B.stride(),
-            scaling * dropout_scale,
-            PRECISION=dot_precision(x.dtype), BLOCK_R=chunk,
-        )  # fmt: skip
-        if need_A:
-            transform = "dropout" if dropout_p > 0 else "none"
-            product, _ = transposed_product(
-                grad_xa, x2d, transform=transform, seed=seed, dropout_p=dropout_p
-            )
-            grad_A = product.to(lora_A.dtype)
-        if need_x:
-            arguments = (grad2d, weight, lora_A, grad_xa, seed, dropout_p, fan_in_fan_out)
-            key = ("lora_grad_x", x.device, x.dtype, n, k, rank, m_bucket(m), dropout_p > 0)
-            candidates = {p: lambda p=p: _grad_x(p, *arguments) for p in _paths(x.dtype)}
-            grad_x = _grad_x(dispatch.choose(key, x.device, candidates), *arguments).view(x.shape)
-    return grad_x, grad_weight, grad_bias, grad_A, grad_B

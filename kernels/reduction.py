@@ -1,6 +1,6 @@
 """Weight gradients: transposed products reduced over the rows, in a fixed order.
 
-    out[P, Q] = scale * sum over rows m of L[m, P] * f(R[m, Q])
+    out[P, Q] = sum over rows m of (left_scale L[m, P]) (right_scale f(R[m, Q]))
 
 with f the identity, the forward's dropout (the mask drawn again from its seed) or an
 activation, and optionally the column sums of L. Every delta weight gradient has this form:
@@ -48,19 +48,15 @@ def _footprint(values: dict) -> configs.Footprint:
     block_p, block_q, block_m = values["BLOCK_P"], values["BLOCK_Q"], values["BLOCK_M"]
     return configs.Footprint(
         accumulators=block_p * block_q + block_p,
-        stage=block_p * block_m + block_m * block_q,
+        dots=((block_p * block_q, block_m),),
+        loads=(
+            configs.tile(block_m * block_p, values["l_ptr"], values["P"], held="float32"),
+            configs.tile(block_m * block_q, values["r_ptr"], values["Q"], held="float32"),
+        ),
+        stores=(configs.tile(block_p * block_q, values["out_ptr"], values["Q"]),),
+        register_operand=(block_p, block_m),
+        dropped=block_m * block_q if values["TRANSFORM"] == "dropout" else 0,
     )
-
-
-@triton.jit
-def _same_dtype(left, right):
-    """The two operands in one dtype: float32 (a TF32 dot) when either is float32 (a float32
-    intermediate such as xa keeps its precision; a float16 or bfloat16 value is exact in TF32)."""
-    if left.dtype == tl.float32:
-        right = right.to(tl.float32)
-    elif right.dtype == tl.float32:
-        left = left.to(tl.float32)
-    return left, right
 
 
 @autotuned(
@@ -75,14 +71,20 @@ def _transposed_product_kernel(
     l_ptr, r_ptr, out_ptr, sums_ptr, seed_ptr,
     M, P, Q, ROWS_PER_SPLIT, ROWS_BUCKET,
     stride_lm, stride_lp, stride_rm, stride_rq,
-    scale, dropout_p,
+    left_scale, right_scale, dropout_p,
     TRANSFORM: tl.constexpr, ACT: tl.constexpr, COLUMN_SUMS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Program (tile of [P, Q], split): its split's share of scale * L^T f(R), into
-    out[split]; with COLUMN_SUMS, the tiles of the first Q column also write scale * the
-    column sums of L over the split into sums[split]."""
+    """Program (tile of [P, Q], split): its split's share of (left_scale L)^T f(right_scale R)
+    into out[split]; with COLUMN_SUMS, the tiles of the first Q column also write the column
+    sums of left_scale L over the split into sums[split].
+
+    Both tiles are loaded as they lie in memory, [BLOCK_M, BLOCK_P] and [BLOCK_M, BLOCK_Q], and
+    scaled in float32 registers, and the dot is TF32 (a float16 or bfloat16 value is exact in
+    it, and xa or d(pre) keep their float32 precision). The reduced dimension is the slow one of
+    both tiles, so a tile copied straight to shared memory for a TF32 dot would move 4 bytes at
+    a time (measured in the sm_90 PTX); through registers the loads are 16-byte vectors."""
     num_q = tl.cdiv(Q, BLOCK_Q)
     pid_p = tl.program_id(0) // num_q
     pid_q = tl.program_id(0) % num_q
@@ -99,21 +101,22 @@ def _transposed_product_kernel(
     for m0 in range(first, last, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         mask_m = rm < last
-        left = load_tile(l_ptr, rp, rm, stride_lp, stride_lm, mask_p, mask_m)
+        left = load_tile(l_ptr, rm, rp, stride_lm, stride_lp, mask_m, mask_p)
+        left = left.to(tl.float32) * left_scale
         right = load_tile(r_ptr, rm, rq, stride_rm, stride_rq, mask_m, mask_q)
         if TRANSFORM == "dropout":
             right = drop(right, seed, rm, rq, Q, dropout_p)
-        elif TRANSFORM == "activation":
-            right = activate(right.to(tl.float32), ACT)
+        right = right.to(tl.float32)
+        if TRANSFORM == "activation":
+            right = activate(right, ACT)
         if COLUMN_SUMS:
-            sums += tl.sum(left.to(tl.float32), 1)
-        left, right = _same_dtype(left, right)
-        acc = mma(left, right, acc, PRECISION)
+            sums += tl.sum(left, 0)
+        acc = mma(tl.trans(left), right * right_scale, acc, PRECISION)
     out_offsets = split * P * Q + rp.to(tl.int64)[:, None] * Q + rq[None, :]
-    tl.store(out_ptr + out_offsets, acc * scale, mask=mask_p[:, None] & mask_q[None, :])
+    tl.store(out_ptr + out_offsets, acc, mask=mask_p[:, None] & mask_q[None, :])
     if COLUMN_SUMS:  # noqa: SIM102 (a compile-time switch around a run-time test)
         if pid_q == 0:
-            tl.store(sums_ptr + split * P + rp, sums * scale, mask=mask_p)
+            tl.store(sums_ptr + split * P + rp, sums, mask=mask_p)
 
 
 def split_count(m: int, p: int, q: int) -> int:
@@ -127,14 +130,16 @@ def transposed_product(
     left: torch.Tensor,
     right: torch.Tensor,
     *,
-    scale: float = 1.0,
+    left_scale: float = 1.0,
+    right_scale: float = 1.0,
     transform: str = "none",
     activation: str = "relu",
     seed: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     column_sums: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale * left^T f(right) [P, Q], scale * column sums of left [P] or None), float32.
+    """((left_scale left)^T (right_scale f(right)) [P, Q], the column sums of left_scale left
+    [P] or None), float32.
 
     left: [M, P]; right: [M, Q] (any strides); f per `transform`: "none", "dropout" (the
     forward's mask for an input of right's shape, from `seed` and `dropout_p`, with no 1/(1-p)
@@ -156,7 +161,7 @@ def transposed_product(
         left, right, partial, partial if sums is None else sums, seed,
         m, p, q, rows_per_split, m_bucket(rows_per_split),
         *left.stride(), *right.stride(),
-        scale, dropout_p,
+        left_scale, right_scale, dropout_p,
         TRANSFORM=transform, ACT=activation, COLUMN_SUMS=column_sums,
         PRECISION=dot_precision(left.dtype if right.dtype == torch.float32 else right.dtype),
     )  # fmt: skip

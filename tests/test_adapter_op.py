@@ -41,7 +41,7 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 NAMES = ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual")
 PARAMETERS = ("down_weight", "down_bias", "up_weight", "up_bias")
 # Bottlenecks above this take the split kernels (MAX_FUSED_RANK in kernels/adapter.py).
-FUSED_LIMIT = 256
+FUSED_LIMIT = 128
 CUDA = torch.cuda.is_available()
 
 # How close each dtype's results must be to the float64 reference (see the module docstring);
@@ -223,7 +223,7 @@ def check_against_reference(inputs, dtype, scaling, activation, trainable=NAMES,
 # --------------------------------------------------------------------------------------------
 # 1. Accuracy: a covering set of (rows, d_in, d_out (None: sequential), bottleneck, activation,
 # dtype, biases, scaling). Every row count, bottleneck, activation, dtype and form appears; each
-# dtype meets every activation, the split path (bottleneck > 256), a sequential adapter and a
+# dtype meets every activation, the split path (bottleneck > 128), a sequential adapter and a
 # parallel one with d_out != d_in; 1025 rows only with small sizes. The last two rows are the
 # kernels' tile edges: the largest fused bottleneck with sizes that are multiples of the
 # interpreter's 32-wide tiles, and the smallest split one over an odd number of row tiles.
@@ -248,8 +248,8 @@ CASES = [
     (1025, 5, 7, 1, "silu", BF16, False, 1.0),
     (1025, 5, 5, 24, "gelu_new", F32, True, 1.0),
     (1025, 8, None, 8, "relu", BF16, True, 0.5),
-    (64, 32, None, 256, "gelu", F32, True, 1.0),
-    (70, 64, 40, 257, "gelu_new", F32, True, 1.5),
+    (64, 32, None, 128, "gelu", BF16, True, 1.0),
+    (70, 64, 40, 129, "gelu_new", F32, True, 1.5),
 ]
 
 
