@@ -194,3 +194,35 @@ def test_no_kernel_uses_atomics():
     """Atomic adds make float sums depend on the order programs run in."""
     for module in (kernels.lora, kernels.adapter, reduction, _common):
         assert "tl.atomic_" not in inspect.getsource(module), module.__name__
+
+
+def test_measured_dispatch_times_each_path_once_per_bucket(monkeypatch):
+    """On a GPU, the first call of a shape bucket times every path and later calls run the
+    faster; nothing is timed (or remembered) inside a CUDA graph capture; a forced path wins."""
+    timings = {"fused": 2.0, "composed": 1.0}
+    timed = []
+
+    def do_bench(run):
+        path = run()
+        timed.append(path)
+        return timings[path]
+
+    capturing = [False]
+    monkeypatch.setattr(dispatch.triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(dispatch.torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(dispatch, "_chosen", {})
+    monkeypatch.setattr(dispatch, "_timings", {})
+    monkeypatch.setattr(dispatch, "_forced", None)
+    gpu = torch.device("cuda")
+    candidates = {path: lambda path=path: path for path in dispatch.PATHS}
+    assert dispatch.choose(("bucket",), gpu, candidates) == "composed"
+    assert dispatch.choose(("bucket",), gpu, candidates) == "composed"
+    assert sorted(timed) == sorted(dispatch.PATHS)
+    assert dispatch.measurements() == {("bucket",): timings}
+    capturing[0] = True
+    assert dispatch.choose(("captured",), gpu, candidates) == "fused"
+    assert ("captured",) not in dispatch.measurements()
+    with dispatch.force_path("fused"):
+        assert dispatch.choose(("bucket",), gpu, candidates) == "fused"
+    assert dispatch.choose(("only",), gpu, {"composed": candidates["composed"]}) == "composed"
+    assert len(timed) == len(dispatch.PATHS)
