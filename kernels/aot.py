@@ -25,13 +25,14 @@ registers; the TTGIR's values give the tile per thread). An operand is big when 
 ranks where they rival them).
 
 The grid: each launcher's arguments as factors (dtype, rows, sizes, rank, flags, gradients
-needed; FACTORS), every pair of values of two factors in some case. --full compiles all of it
-(thousands of compiles). The default, quick, compiles a subset of those compiles, a greedy set
-cover that still holds every config of every kernel on every target and gives every kernel on
-every target each dtype, constant value and specialization that the full grid gives it, the
-heaviest compile (widest dtype, largest BLOCK_R) first among equals. The tool prints a table,
-and exits non-zero after a summary of the failures by kernel and check; --json writes every row,
-with the directory of its TTGIR, PTX and cubin in Triton's cache.
+needed; FACTORS), every pair of values of two factors in some case, and every combination of
+dtype, rows, rank and dropout (CHOOSERS). --full compiles all of it (thousands of compiles).
+The default, quick, compiles a subset of those compiles, a greedy set cover that still holds
+every config of every kernel on every target and gives every kernel on every target each dtype,
+constant value and specialization that the full grid gives it, the heaviest compile (widest
+dtype, largest BLOCK_R) first among equals. The tool prints a table, and exits non-zero after a
+summary of the failures by kernel and check; --json writes every row, with the directory of its
+TTGIR, PTX and cubin in Triton's cache.
 
 Run it without TRITON_INTERPRET (the kernels must be real JIT functions). It uses private APIs of
 Triton, written against Triton 3.9; where they moved, it says so.
@@ -267,13 +268,31 @@ def _launches_identity(case: Case) -> tuple:
     return tuple(identity)
 
 
-def full_grid() -> list[Case]:
-    """Every pair of distinct values of two factors, for each launcher."""
+# Factors that choose kernels, paths and tiles together (a decode-sized bf16 launch at rank 16
+# takes a kernel that neither bf16 at rank 16 nor rank 16 at 13 rows shows): every triple of
+# their values is in the grid, with each value of dropout, the others at their base.
+CHOOSERS = ("dtype", "m", "rank", "dropout")
+
+
+def chooser_cases(factors: dict[str, tuple]) -> list[dict]:
+    """Every combination of the CHOOSERS' values, the other factors at their first value."""
+    names = [name for name in CHOOSERS if name in factors]
+    base = {name: values[0] for name, values in factors.items()}
     return [
-        Case(op, tuple(case.items()))
-        for op, factors in FACTORS.items()
-        for case in each_pair(distinct_values(op, factors))
+        {**base, **dict(zip(names, values, strict=True))}
+        for values in itertools.product(*(factors[name] for name in names))
     ]
+
+
+def full_grid() -> list[Case]:
+    """Every pair of distinct values of two factors, and every combination of the CHOOSERS'
+    values, for each launcher."""
+    cases = {}
+    for op, factors in FACTORS.items():
+        distinct = distinct_values(op, factors)
+        for case in (*each_pair(distinct), *chooser_cases(factors)):
+            cases.setdefault(Case(op, tuple(case.items())), None)
+    return list(cases)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1232,7 +1251,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Compile every fastdelta Triton kernel for real GPUs (no GPU needed) and "
         "check registers, spills, shared memory, tensor-core dots and load widths.",
     )
-    parser.add_argument("--full", action="store_true", help="every pair of argument values")
+    parser.add_argument(
+        "--full", action="store_true", help="the whole grid (thousands of compiles)"
+    )
     parser.add_argument("--targets", default="80,90", help="compute capabilities (default 80,90)")
     parser.add_argument("--json", type=Path, help="write every row to this file")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")

@@ -196,6 +196,7 @@ class Footprint:
     register_operand: tuple[int, int] = (0, 0)
     operand_math: int = 1
     dropped: int = 0
+    measured: float = 0.0
 
     def registers(self, threads: int, fma: bool) -> float:
         """Estimated registers per thread, all threads' needs shared out. A dropped element
@@ -205,7 +206,7 @@ class Footprint:
         activation) has as many temporaries. With float32 inputs and TF32 off, tl.dot runs on
         FMA units, where each thread holds, for each of its outputs' rows and columns, the whole
         depth of both operands."""
-        held = self.accumulators + DROPOUT_REGISTERS * self.dropped
+        held = self.accumulators + DROPOUT_REGISTERS * self.dropped + self.measured
         held += sum(tile.registers() for tile in (*self.loads, *self.epilogue, *self.stores))
         per_thread = held / threads
         rows, columns = self.register_operand

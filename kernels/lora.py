@@ -62,6 +62,16 @@ def _down_footprint(values: dict) -> configs.Footprint:
     )
 
 
+# A 16-row tile that also accumulates xa (the decode forward's one launch) needs far more
+# registers than its tiles account for, growing with BLOCK_N (its 4 warps all lie along N, and
+# x feeds two dots of different shapes): ptxas measured 104-191 registers where the model gave
+# 41-62, and spills from BLOCK_N=128 on (bf16 and fp16, sm_80 and sm_90). Per thread, for 4
+# warps: 1.4 per column and 0.6 per K step, fitted to those counts. With x's or W's loads not
+# vectorised, no tile of it fits registers with dropout (and some spill without), so it runs
+# only on aligned operands; elsewhere _down_kernel computes xa first.
+_DECODE_XA_REGISTERS = 128
+
+
 def _forward_footprint(values: dict) -> configs.Footprint:
     m, n, k, r = (values[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"))
     with_xa, composed = values["COMPUTE_XA"], values["BASE_IN_Y"]
@@ -86,6 +96,7 @@ def _forward_footprint(values: dict) -> configs.Footprint:
         stores=(configs.tile(m * n, y, values["N"]), configs.tile(m * r, xa, big_r)),
         register_operand=(m, r),
         dropped=m * k if with_xa and values["HAS_DROPOUT"] else 0,
+        measured=_DECODE_XA_REGISTERS * (1.4 * n + 0.6 * k) if with_xa and m == 16 else 0.0,
     )
 
 
@@ -272,7 +283,13 @@ def _forward(path, x2d, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, 
     dropout_scale = 1.0 / (1.0 - dropout_p)
     chunk = rank_chunk(rank, x2d.dtype)
     epilogue_chunk = loop_chunk(rank, m, x2d.dtype)
-    one_launch = path == "fused" and m <= SMALL_M and rank <= epilogue_chunk
+    one_launch = (
+        path == "fused"
+        and m <= SMALL_M
+        and rank <= epilogue_chunk
+        and configs.vectorized(x2d, k)
+        and configs.vectorized(weight, k, n)
+    )
     if one_launch:
         xa = torch.empty((m, rank), dtype=torch.float32, device=x2d.device)
     else:

@@ -41,13 +41,16 @@ def tf32(monkeypatch):
 
 
 # (M, K, N, r, dtype, bias, fan_in_fan_out, dropout_p): every path meets each dtype, both
-# layouts, dropout, decode-sized M (the one-launch fused forward) and a rank of two chunks.
+# layouts, dropout, decode-sized M (the one-launch fused forward where K and N are multiples of
+# 16, two launches elsewhere) and a rank of two chunks.
 PATH_CASES = [
     (1, 33, 20, 4, F32, True, False, 0.0),
     (7, 20, 33, 40, BF16, True, True, 0.3),
     (97, 33, 20, 16, F16, False, False, 0.3),
     (40, 20, 33, 40, F32, False, True, 0.0),
     (16, 40, 24, 8, BF16, True, False, 0.0),
+    (5, 32, 48, 8, F16, True, False, 0.3),
+    (16, 64, 32, 16, BF16, False, True, 0.3),
 ]
 
 
@@ -88,6 +91,31 @@ def test_float32_always_composes(use_backend, monkeypatch, allow_tf32):
     with dispatch.force_path("fused"):
         check_against_reference(inputs, grad_out, F32)
     assert set(paths) == {"composed"}
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "one_launch"), [(32, 48, True), (33, 48, False), (32, 20, False)]
+)
+def test_decode_forward_is_one_launch_on_aligned_operands(
+    use_backend, monkeypatch, k, n, one_launch
+):
+    """The one-launch decode forward's tile fits registers only with vectorised loads (the
+    compile suite's measure); elsewhere xa comes from its own kernel first."""
+    use_backend("triton")
+    launched = []
+    original = lora.launch
+
+    def spy(kernel, grid, *args, **constants):
+        launched.append((kernel, constants.get("COMPUTE_XA")))
+        return original(kernel, grid, *args, **constants)
+
+    monkeypatch.setattr(lora, "launch", spy)
+    inputs, grad_out = make_inputs(3, k, n, 8, BF16)
+    with dispatch.force_path("fused"):
+        check_against_reference(inputs, grad_out, BF16)
+    forward = [entry for entry in launched if entry[0] is lora._forward_small]
+    assert forward == [(lora._forward_small, one_launch)]
+    assert (lora._down_kernel in {kernel for kernel, _ in launched}) is not one_launch
 
 
 def test_an_unknown_path_is_refused():
