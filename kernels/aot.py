@@ -18,7 +18,9 @@ it through Triton's whole pipeline to a cubin; and checks, per compiled kernel a
   loads         global loads (ld.global, cp.async) from a big operand are 128 bits wide where its
                 tensor allows it: 16-byte aligned, unit stride along a dimension whose size is a
                 multiple of 16, other strides multiples of 16 (what Triton specializes on), and
-                where the tile gives each thread 128 bits (a 16x64 tile over 256 threads cannot).
+                where the tile gives each thread 128 bits (a 16x64 tile over 256 threads cannot);
+  atomics       no atomic instruction in the PTX (the gradients' reductions run in a fixed order,
+                so torch.use_deterministic_algorithms holds on every backend).
 A load's operand is the kernel parameter its address derives from (followed through the PTX's
 registers; the TTGIR's values give the tile per thread). An operand is big when it spans at least
 1/16 of the bytes of the largest operand the kernel loads (x, W, dY, h, the residual; A and B at
@@ -101,7 +103,7 @@ if not hasattr(JITFunction, "_pack_args"):
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 REGISTER_FILE = 65536
 # Bump when the analysis of a compiled kernel changes: its results are cached beside the kernel.
-ANALYSIS_VERSION = 3
+ANALYSIS_VERSION = 4
 PACKAGE = __package__
 
 # ---------------------------------------------------------------------------------------------
@@ -579,12 +581,19 @@ def compile_and_measure(job: dict) -> dict:
         "dots": dots(asm["ttgir"]),
         "ptx_mma": len(re.findall(r"\bmma\.sync\b", asm["ptx"])),
         "ptx_wgmma": len(re.findall(r"\bwgmma\.mma_async\b", asm["ptx"])),
+        "ptx_atomics": atomic_instructions(asm["ptx"]),
         "loads": global_loads(asm["ptx"], parameters),
         "per_thread": elements_per_thread(asm["ttgir"]),
     }
     cache.put(json.dumps(facts), facts_file, binary=False)
     seconds = time.perf_counter() - start
     return {**facts, "artifacts": artifacts, "seconds": seconds, "cached": False}
+
+
+def atomic_instructions(ptx: str) -> int:
+    """The atomic read-modify-write instructions in `ptx` (atom.*, and red.*, the reduction
+    without a result that atomic adds lower to)."""
+    return len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.", ptx, flags=re.MULTILINE))
 
 
 def _find_function(module_name: str, qualname: str):
@@ -1103,6 +1112,9 @@ def check(row: Row) -> list[tuple[str, str]]:
             failures.append(("tensor cores", detail))
     for name, (bits, possible) in narrow_loads(row).items():
         failures.append(("loads", f"{name}: {bits}-bit loads where {possible}-bit are possible"))
+    if result["ptx_atomics"]:
+        detail = f"{result['ptx_atomics']} atomic instructions (gradients must be deterministic)"
+        failures.append(("atomics", detail))
     return failures
 
 

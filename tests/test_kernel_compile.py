@@ -6,13 +6,14 @@ ahead-of-time compile suite, `python -m fastdelta.kernels.aot`, in a process wit
 TRITON_INTERPRET, and asserts each of its checks on every kernel it compiles: compiles (and the
 launcher and the pruner accept the launch), no register spills, registers and shared memory
 within the block's limits, dots on tensor cores, 128-bit loads of the big operands where their
-layout allows them. A failure names the kernel, config, dtype and target, and the launcher call
-that compiles it.
+layout allows them, no atomic instructions (deterministic gradients). A failure names the
+kernel, config, dtype and target, and the launcher call that compiles it.
 
 By default the suite runs its quick grid: every config of every kernel on every target, each
 dtype, constant and specialization of each kernel at least once (about four minutes on two cores
 with a cold Triton cache, seconds with a warm one). FASTDELTA_AOT_GRID=full runs the full grid,
-every pair of argument values (thousands of compiles: an hour or more on two cores).
+every pair of argument values and every combination of dtype, rows, rank and dropout (about
+12,000 compiles: an hour or more on two cores).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ import pytest
 pytest.importorskip("triton", reason="the compile suite compiles Triton kernels")
 
 GRID = os.environ.get("FASTDELTA_AOT_GRID", "quick")
-CHECKS = ("records", "config", "compiles", "spills", "registers", "smem", "tensor cores", "loads")
+CHECKS = (
+    "records", "config", "compiles", "spills", "registers", "smem", "tensor cores", "loads",
+    "atomics",
+)  # fmt: skip
 # Failures listed in full per check; the rest are counted.
 LISTED = 40
 
@@ -85,3 +89,17 @@ def test_every_kernel_is_compiled(report):
         f"launchers to FACTORS and CALLS in kernels/aot.py); launched but not found as kernels: "
         f"{sorted(recorded - defined)}"
     )
+
+
+def test_atomic_instructions_are_found():
+    from fastdelta.kernels import aot
+
+    ptx = """
+    ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    @%p3 atom.global.gpu.acq_rel.add.f32 %f9, [ %rd7 + 0 ], %f8;
+    red.global.gpu.relaxed.add.f32 [ %rd9 + 0 ], %f10;
+    // stored.value red. in a comment
+    st.global.b32 [ %rd2 + 0 ], %r5;
+    """
+    assert aot.atomic_instructions(ptx) == 2
+    assert aot.atomic_instructions("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == 0
