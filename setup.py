@@ -61,6 +61,7 @@ setup(
     packages=[
         *find_packages(include=["fastdelta", "fastdelta.*"]),
         "fastdelta.kernels",
+        "fastdelta.kernels.aot",
         "fastdelta.csrc",
     ],
     package_dir={"fastdelta.kernels": "kernels", "fastdelta.csrc": "csrc"},
