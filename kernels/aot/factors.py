@@ -31,49 +31,39 @@ ACTIVATIONS = ("gelu_new", "relu", "gelu", "silu")
 LORA_NEEDS = tuple(n for n in itertools.product((True, False), repeat=3) if any(n))
 ADAPTER_NEEDS = tuple(n for n in itertools.product((True, False), repeat=5) if any(n))
 
+# The factors every LoRA launcher has, then every adapter launcher (in grid order).
+_LORA_SHAPES = {
+    "dtype": tuple(DTYPES),
+    "m": ROWS,
+    "k": IN_FEATURES,
+    "n": OUT_FEATURES,
+    "rank": LORA_RANKS,
+    "dropout": (True, False),
+}
+_ADAPTER_SHAPES = {
+    "dtype": tuple(DTYPES),
+    "m": ROWS,
+    "d_in": IN_FEATURES,
+    "d_out": OUT_FEATURES,  # parallel adapters; a sequential one has d_out = d_in
+    "rank": BOTTLENECKS,
+    "activation": ACTIVATIONS,
+}
+
 FACTORS = {
-    "lora_forward": {
-        "dtype": tuple(DTYPES),
-        "m": ROWS,
-        "k": IN_FEATURES,
-        "n": OUT_FEATURES,
-        "rank": LORA_RANKS,
-        "dropout": (True, False),
-        "bias": (True, False),
-        "fan_in_fan_out": (False, True),
-    },
+    "lora_forward": {**_LORA_SHAPES, "bias": (True, False), "fan_in_fan_out": (False, True)},
     "lora_backward": {
-        "dtype": tuple(DTYPES),
-        "m": ROWS,
-        "k": IN_FEATURES,
-        "n": OUT_FEATURES,
-        "rank": LORA_RANKS,
-        "dropout": (True, False),
+        **_LORA_SHAPES,
         "fan_in_fan_out": (False, True),
         "needs": LORA_NEEDS,
         "grad": ("contiguous", "expanded"),  # y.sum().backward() sends a stride-0 gradient
     },
     "adapter_forward": {
-        "dtype": tuple(DTYPES),
-        "m": ROWS,
-        "d_in": IN_FEATURES,
-        "d_out": OUT_FEATURES,  # parallel adapters; a sequential one has d_out = d_in
-        "rank": BOTTLENECKS,
-        "activation": ACTIVATIONS,
+        **_ADAPTER_SHAPES,
         "down_bias": (True, False),
         "up_bias": (True, False),
         "sequential": (True, False),
     },
-    "adapter_backward": {
-        "dtype": tuple(DTYPES),
-        "m": ROWS,
-        "d_in": IN_FEATURES,
-        "d_out": OUT_FEATURES,
-        "rank": BOTTLENECKS,
-        "activation": ACTIVATIONS,
-        "sequential": (True, False),
-        "needs": ADAPTER_NEEDS,
-    },
+    "adapter_backward": {**_ADAPTER_SHAPES, "sequential": (True, False), "needs": ADAPTER_NEEDS},
     "dropout_keep_mask": {"m": ROWS, "k": IN_FEATURES},
 }
 

@@ -8,6 +8,8 @@ import dataclasses
 
 import torch
 
+from fastdelta.ops import kernel_check
+
 from .. import (
     _common,
     adapter_backward,
@@ -42,16 +44,6 @@ def recording():
         yield launches
     finally:
         _common.launch_recorder = previous
-
-
-@contextlib.contextmanager
-def _tf32(allowed: bool):
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _meta(*shape, dtype):
@@ -136,6 +128,6 @@ def record(case: Case, path: str = dispatch.PATHS[0]) -> list[Launch]:
         )
     arguments = case.arguments
     dtype, tf32 = DTYPES[arguments.pop("dtype", "bf16")]
-    with _tf32(tf32), dispatch.force_path(path), recording() as launches:
+    with kernel_check.tf32(tf32), dispatch.force_path(path), recording() as launches:
         CALLS[case.op](dtype, **arguments)
     return [Launch(kernel, args, constants, case) for kernel, args, constants in launches]
