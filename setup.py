@@ -1,10 +1,11 @@
 """Packaging for fastdelta.
 
-`kernels/` is a top-level folder in the repository but installs as `fastdelta.kernels`, so no
-top-level package called `kernels` is ever installed; `csrc/` likewise installs as
-`fastdelta.csrc`, its C++/CUDA sources shipped as package data for the just-in-time build of the
-cpp backend. With FASTDELTA_BUILD_EXT=1 that extension is built here instead (with ninja; CUDA
-kernels where torch has CUDA and a CUDA toolkit is found), as fastdelta/_C_<key>.so.
+`csrc/` is a top-level folder in the repository but installs as `fastdelta.csrc`, its C++/CUDA
+sources shipped as package data for the just-in-time build of the cpp backend. With
+FASTDELTA_BUILD_EXT=1 that extension is built here instead (with ninja; CUDA kernels where torch
+has CUDA and a CUDA toolkit is found), as fastdelta/_C_<key>.so. The Triton kernels live in
+fastdelta/kernels: a top-level `kernels` folder would shadow the PyPI package of that name, which
+transformers imports, whenever the repository root is on sys.path (`python -m pytest` there).
 """
 
 import importlib.util
@@ -58,13 +59,8 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        *find_packages(include=["fastdelta", "fastdelta.*"]),
-        "fastdelta.kernels",
-        "fastdelta.kernels.aot",
-        "fastdelta.csrc",
-    ],
-    package_dir={"fastdelta.kernels": "kernels", "fastdelta.csrc": "csrc"},
+    packages=[*find_packages(include=["fastdelta", "fastdelta.*"]), "fastdelta.csrc"],
+    package_dir={"fastdelta.csrc": "csrc"},
     package_data={"fastdelta.csrc": ["*.h", "*.cpp", "*/*.h", "*/*.cpp", "*/*.cu", "*/*.cuh"]},
     ext_modules=EXTENSIONS,
     cmdclass=COMMANDS,

@@ -40,7 +40,7 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 # The op's tensor arguments, in the order of ops.adapter_bottleneck's signature.
 NAMES = ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual")
 PARAMETERS = ("down_weight", "down_bias", "up_weight", "up_bias")
-# Bottlenecks above this take the split kernels (MAX_FUSED_RANK in kernels/adapter.py).
+# Bottlenecks above this take the split kernels (MAX_FUSED_RANK in fastdelta/kernels/adapter.py).
 FUSED_LIMIT = 128
 CUDA = torch.cuda.is_available()
 

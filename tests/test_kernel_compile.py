@@ -86,7 +86,8 @@ def test_every_kernel_is_compiled(report):
     recorded = set(report["recorded_kernels"])
     assert defined == recorded, (
         f"kernels no launch of the grid compiles: {sorted(defined - recorded)} (add their "
-        f"launchers to FACTORS in kernels/aot/factors.py and CALLS in kernels/aot/recording.py); "
+        "launchers to FACTORS in fastdelta/kernels/aot/factors.py and CALLS in "
+        f"fastdelta/kernels/aot/recording.py); "
         f"launched but not found as kernels: {sorted(recorded - defined)}"
     )
 
