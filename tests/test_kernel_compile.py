@@ -104,3 +104,24 @@ def test_atomic_instructions_are_found():
     """
     assert aot.atomic_instructions(ptx) == 2
     assert aot.atomic_instructions("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == 0
+
+
+def test_a_copy_that_transposes_into_shared_memory_moves_one_element_a_thread():
+    from fastdelta.kernels import aot
+
+    # sm_90, TF32: dY's tile keeps its row-major order in shared memory; B's, contiguous along
+    # the dot's N in memory, is stored K-major for wgmma, so its copy cannot be vectorised.
+    ttgir = """
+#blocked = #ttg.blocked<{sizePerThread = [1, 4], threadsPerWarp = [2, 16], warpsPerCTA = [4, 1], order = [1, 0]}>
+#shared = #ttg.nvmma_shared<{swizzlingByteWidth = 128, transposed = false, elementBitWidth = 32}>
+#shared1 = #ttg.nvmma_shared<{swizzlingByteWidth = 128, transposed = true, elementBitWidth = 32}>
+module attributes {"ttg.num-warps" = 4 : i32} {
+  tt.func public @k(%dy_ptr: !tt.ptr<f32>, %b_ptr: !tt.ptr<f32>) {
+    %dy = tt.splat %dy_ptr : !tt.ptr<f32> -> tensor<64x64x!tt.ptr<f32>, #blocked>
+    %b = tt.splat %b_ptr : !tt.ptr<f32> -> tensor<64x64x!tt.ptr<f32>, #blocked>
+    %dy_1 = ttg.async_copy_global_to_local %dy, %s0 : tensor<64x64x!tt.ptr<f32>, #blocked> -> <64x64xf32, #shared, #smem, mutable>
+    %b_1 = ttg.async_copy_global_to_local %b, %s1 : tensor<64x64x!tt.ptr<f32>, #blocked> -> <64x64xf32, #shared1, #smem, mutable>
+  }
+}
+"""  # noqa: E501
+    assert aot.elements_per_thread(ttgir) == {"dy_ptr": 32, "b_ptr": 1}

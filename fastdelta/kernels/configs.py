@@ -39,6 +39,14 @@ MAX_REGISTERS = 255
 # sm_80 and sm_90).
 DROPOUT_REGISTERS = 6
 
+# With float32 operands and TF32 on, a dot of fewer than 64 rows (mma.sync; sm_90's wgmma needs
+# 64 rows and reads its operands from shared memory) holds TF32-rounded copies of its operands in
+# registers across the K step: each warp its rows of the first and its columns of the second.
+# Registers per element held, fitted to ptxas on sm_90, where LoRA's down projection spilled
+# (255 registers) at 16x128 by 128x128 and 32x128 by 128x64 with 4 warps; configurations it now
+# drops measured 198-250 registers.
+TF32_OPERAND_REGISTERS = 0.75
+
 _assumed_shared_memory: int | None = None
 
 
@@ -225,6 +233,22 @@ class Footprint:
         )
 
 
+def tf32_operand_registers(
+    rows: int, depth: int, columns: int, warps: int, first_held: bool = False
+) -> float:
+    """Registers, all threads together, that a [rows, depth] x [depth, columns] dot of float32
+    operands under TF32 takes for their rounded copies (see TF32_OPERAND_REGISTERS); none from
+    64 rows up. Warps split the rows first, 16 a warp, the rest along the columns, as Triton
+    lays out mma.sync. A first operand already held in registers (a dropout mask applied) is
+    rounded in place."""
+    if rows >= 64:
+        return 0.0
+    warps_m = max(1, min(warps, rows // 16))
+    warps_n = max(1, warps // warps_m)
+    first = 0 if first_held else rows * depth / warps_m
+    return TF32_OPERAND_REGISTERS * (first + depth * columns / warps_n) * warps
+
+
 def vectorized(tensor: torch.Tensor, *sizes: int) -> bool:
     """Whether Triton can load `tensor`'s tiles in 16-byte vectors: its start is 16-byte aligned,
     one dimension has stride 1, the other strides and the `sizes` that bound the tiles' masks
@@ -239,11 +263,11 @@ def vectorized(tensor: torch.Tensor, *sizes: int) -> bool:
 
 def pruner(footprint: Callable[[dict], Footprint], operand: str, fitted: tuple[str, ...] = ()):
     """An `early_config_prune` for triton.autotune: keep the configs whose `footprint` (a
-    function of the config's and the launch's arguments) fits the device. `operand` names the
-    tensor argument whose dtype decides whether dots run on FMA units (float32 with TF32 off).
-    Each "BLOCK_X:SIZE" of `fitted` drops tiles wider along X than the problem's SIZE needs (a
-    64-wide tile for 16 columns), unless no tile is narrow enough: then the narrowest fitting
-    ones stay."""
+    function of the config's and the launch's arguments, and its `num_warps`) fits the device.
+    `operand` names the tensor argument whose dtype decides whether dots run on FMA units
+    (float32 with TF32 off). Each "BLOCK_X:SIZE" of `fitted` drops tiles wider along X than the
+    problem's SIZE needs (a 64-wide tile for 16 columns), unless no tile is narrow enough: then
+    the narrowest fitting ones stay."""
 
     def prune(configs, named_args, **kwargs):
         arguments = {**named_args, **kwargs}
@@ -252,7 +276,7 @@ def pruner(footprint: Callable[[dict], Footprint], operand: str, fitted: tuple[s
         fma = tensor.element_size() == 4 and arguments.get("PRECISION") == "ieee"
         kept = []
         for config in configs:
-            usage = footprint({**arguments, **config.kwargs})
+            usage = footprint({**arguments, **config.kwargs, "num_warps": config.num_warps})
             registers = usage.registers(32 * config.num_warps, fma)
             if registers <= REGISTER_BUDGET and usage.shared_memory(config.num_stages) <= limit:
                 kept.append(config)

@@ -50,6 +50,8 @@ SMALL_M = 16
 def _down_footprint(values: dict) -> configs.Footprint:
     m, k, r = values["BLOCK_M"], values["BLOCK_K"], values["BLOCK_R"]
     dropout = values["HAS_DROPOUT"]
+    tf32 = values["x_ptr"].element_size() == 4 and values["PRECISION"] == "tf32"
+    rounded = configs.tf32_operand_registers(m, k, r, values["num_warps"], dropout) if tf32 else 0
     return configs.Footprint(
         accumulators=m * r,
         dots=((m * r, k),),
@@ -59,6 +61,7 @@ def _down_footprint(values: dict) -> configs.Footprint:
         ),
         stores=(configs.tile(m * r, values["xa_ptr"], values["R"]),),
         dropped=m * k if dropout else 0,
+        measured=rounded,
     )
 
 

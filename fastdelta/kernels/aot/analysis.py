@@ -152,11 +152,16 @@ def _statements(ptx: str) -> list[tuple[str, str, str]]:
 
 def elements_per_thread(ttgir: str) -> dict[str, int]:
     """For each pointer parameter, the fewest elements a thread gets in one global load of a tile
-    from it (the tile's elements over the block's threads): no load of it can be wider.
+    from it (the tile's elements over the block's threads): no load of it can be wider. A copy
+    into shared memory whose contiguous dimension is not the tile's in global memory moves one
+    element at a time: sm_90's wgmma reads 32-bit (TF32) operands only K-major, so Triton stores
+    an operand that runs along M or N in memory transposed (the hardware transpose of 16-bit
+    operands has no 32-bit form).
 
     The TTGIR is in SSA form with the parameters by name, so a value's parameters are those of
     the values it is computed from; a loop's carried values start from their initial values."""
     warps = int(re.search(r'"ttg\.num-warps" = (\d+)', ttgir).group(1))
+    contiguous = _contiguous_dimensions(ttgir)
     signature = re.search(r"tt\.func public @\w+\((.*)$", ttgir, re.M).group(1)
     origin = {name: {name} for name in re.findall(r"%(\w+): !tt\.ptr<", signature)}
 
@@ -184,6 +189,31 @@ def elements_per_thread(ttgir: str) -> dict[str, int]:
             for extent in tile.group(1).split("x"):
                 size *= int(extent)
             share = max(1, size // (32 * warps))
+            layouts = re.findall(r"(#\w+)[,>]", rest)
+            if op == "ttg.async_copy_global_to_local" and _transposing(layouts, contiguous):
+                share = 1
             for name in of([pointer]):
                 fewest[name] = min(fewest.get(name, share), share)
     return fewest
+
+
+def _contiguous_dimensions(ttgir: str) -> dict[str, int]:
+    """The dimension that runs contiguously in each 2-D layout the TTGIR defines: a blocked or
+    swizzled layout's first `order` entry; an NVMMA shared layout's last dimension, or its
+    first when `transposed`."""
+    found = {}
+    for name, body in re.findall(r"^(#\w+) = #ttg\.\w+<\{(.*)\}>", ttgir, re.M):
+        order = re.search(r"order = \[(\d+), \d+\]", body)
+        transposed = re.search(r"transposed = (true|false)", body)
+        if order:
+            found[name] = int(order.group(1))
+        elif transposed:
+            found[name] = 0 if transposed.group(1) == "true" else 1
+    return found
+
+
+def _transposing(layouts: list[str], contiguous: dict[str, int]) -> bool:
+    """Whether a copy from the first of `layouts` (the pointers') to the next one it names
+    (shared memory's) changes the contiguous dimension."""
+    known = [contiguous[name] for name in layouts if name in contiguous]
+    return len(known) >= 2 and known[0] != known[1]

@@ -31,7 +31,7 @@ from .triton_internals import (
 )
 
 # Bump when the analysis of a compiled kernel changes: its results are cached beside the kernel.
-ANALYSIS_VERSION = 4
+ANALYSIS_VERSION = 5
 
 
 def compile_rows(rows: list[Row], jobs: int, progress=None) -> None:
