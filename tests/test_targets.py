@@ -95,6 +95,56 @@ def test_an_adapter_on_the_multihead_attention_itself_runs():
     assert not torch.equal(run(model), expected)
 
 
+class EncoderNet(nn.Module):
+    """A model built on nn.TransformerEncoderLayer, whose inference fast path reads its children's
+    weights."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.TransformerEncoderLayer(FEATURES, 2, 16, dropout=0.0, batch_first=True)
+        self.dummy_inputs = {"x": torch.zeros(1, 3, FEATURES)}
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+IN_ENCODER_LAYER = {
+    "lora-linear1": lambda model: LoraModel(model, modified_modules=["linear1"]),
+    "adapter-linear2": lambda model: AdapterModel(model, modified_modules=["linear2"]),
+    "adapter-self_attn": lambda model: AdapterModel(model, modified_modules=["self_attn"]),
+    "lora-out_proj": lambda model: LoraModel(model, modified_modules=["out_proj"]),
+}
+
+
+@pytest.mark.parametrize("delta", IN_ENCODER_LAYER)
+def test_a_delta_inside_a_transformer_encoder_layer_is_refused(delta):
+    # In eval under no_grad the layer runs torch._transformer_encoder_layer_fwd on its children's
+    # weights: the delta would train, then silently vanish at inference.
+    model = EncoderNet().eval()
+    before = snapshot(model)
+    with pytest.raises(TypeError) as error:
+        IN_ENCODER_LAYER[delta](model)
+    message = str(error.value)
+    assert "is inside layer, a TransformerEncoderLayer, which reads" in message
+    assert "in evaluation without gradients (its fast path" in message
+    assert "target layer itself (adapters)" in message
+    assert_unchanged(model, before)
+
+
+def test_an_adapter_on_the_transformer_encoder_layer_itself_runs_at_inference():
+    model = EncoderNet().eval()
+    expected = run(model)
+    adapter = AdapterModel(model, modified_modules=["layer"], bottleneck_dim=3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in delta_parameter_names(model):
+                parameter.normal_()
+    assert not torch.allclose(run(model), expected)
+    adapter.detach()
+    assert torch.equal(run(model), expected)
+
+
 # 2. A linear layer with a forward of its own
 
 

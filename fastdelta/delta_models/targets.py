@@ -2,7 +2,9 @@
 
 - A module whose parent reads its weights instead of calling it: `nn.MultiheadAttention` computes
   with `out_proj.weight` and `out_proj.bias` directly, so a delta in `out_proj`'s forward would
-  never run (training its existing bias in place, as BitFit does, works).
+  never run (training its existing bias in place, as BitFit does, works). An
+  `nn.TransformerEncoderLayer` does so for all its children in evaluation without gradients (its
+  fast path), so a delta there would run in training and vanish at inference.
 - An `nn.Linear` (or `Conv1D`) subclass with a forward of its own: LoRA computes the layer itself
   (x W^T + b with the low-rank term), so the subclass's forward would be dropped.
 - A LoRA weight tied to another parameter (a language model head tied to the embeddings): merging
@@ -16,8 +18,14 @@ from torch import nn
 from fastdelta.injection import original_class
 from fastdelta.pseudo_input import is_conv1d
 
-# Modules whose forward reads the weights of a child instead of calling it.
-WEIGHT_READING_PARENTS = (nn.MultiheadAttention,)
+# Modules whose forward reads the weights of a child instead of calling it, and when.
+WEIGHT_READING_PARENTS = {
+    nn.MultiheadAttention: "always",
+    nn.TransformerEncoderLayer: (
+        "in evaluation without gradients (its fast path, torch._transformer_encoder_layer_fwd), "
+        "so a delta there would train and then vanish at inference"
+    ),
+}
 
 
 def check_target_runs(backbone: nn.Module, host_name: str, role: str | None) -> None:
@@ -28,14 +36,24 @@ def check_target_runs(backbone: nn.Module, host_name: str, role: str | None) -> 
     for depth in range(len(segments)):
         parent_name = ".".join(segments[:depth])
         parent = backbone.get_submodule(parent_name)
-        if isinstance(parent, WEIGHT_READING_PARENTS):
-            raise TypeError(
-                f"{host_name} is inside {parent_name or 'the backbone'}, a "
-                f"{type(parent).__name__}, which reads {host_name.split('.')[-1]}'s weights "
-                "directly and never calls its forward, so a delta there would never run: "
-                f"target {parent_name or 'the backbone'} itself (adapters), or exclude "
-                f"{host_name} (exclude_modules)"
-            )
+        when = next(
+            (when for kind, when in WEIGHT_READING_PARENTS.items() if isinstance(parent, kind)),
+            None,
+        )
+        if when is None:
+            continue
+        child = ".".join(segments[depth:])
+        skips = (
+            "never calls its forward, so a delta there would never run"
+            if when == "always"
+            else f"calls no forward inside it {when}"
+        )
+        raise TypeError(
+            f"{host_name} is inside {parent_name or 'the backbone'}, a {type(parent).__name__}, "
+            f"which reads {child}'s weights directly and {skips}: target "
+            f"{parent_name or 'the backbone'} itself (adapters), or exclude {host_name} "
+            "(exclude_modules)"
+        )
 
 
 def check_forward_replaceable(module: nn.Module, name: str) -> None:
