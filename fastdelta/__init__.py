@@ -5,7 +5,8 @@ delta_model = LoraModel(backbone_model=model, modified_modules=["query", "value"
 delta_model.freeze_module()
 
 `DeltaTrainer` (a transformers.Trainer whose checkpoints hold the deltas only) is imported on
-first use, since importing transformers' Trainer takes seconds.
+first use, since importing transformers' Trainer takes seconds; it is left out of `__all__`, so
+`from fastdelta import *` (OpenDelta scripts' habit) does not import it either.
 """
 
 from fastdelta.delta_models import (
@@ -36,7 +37,6 @@ __all__ = [
     "BitFitConfig",
     "BitFitModel",
     "DeltaBase",
-    "DeltaTrainer",
     "LoraConfig",
     "LoraModel",
     "ParallelAdapterConfig",

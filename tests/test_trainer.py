@@ -3,6 +3,9 @@ trainable tensors, and resuming from one gives the weights of an uninterrupted r
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -180,12 +183,20 @@ def test_resuming_with_other_delta_arguments_names_them(uninterrupted, tmp_path)
 
 
 def test_resuming_from_a_full_model_checkpoint_is_refused(tmp_path):
-    model, delta_model = lora_model()
-    plain = Trainer(model=model, args=training_arguments(tmp_path / "plain"))
+    _, delta_model = lora_model()
+    full_model = tiny_model("bert", "classification")  # a plain Trainer's whole model
+    plain = Trainer(model=full_model, args=training_arguments(tmp_path / "plain"))
     plain.save_model(str(tmp_path / "plain-checkpoint"))
     trainer = DeltaTrainer(delta_model=delta_model, args=training_arguments(tmp_path / "run"))
     with pytest.raises(ValueError, match=r"not a fastdelta delta config"):
         trainer._load_from_checkpoint(str(tmp_path / "plain-checkpoint"))
+
+
+def test_a_plain_trainer_cannot_save_a_trimmed_backbone_and_names_delta_trainer(tmp_path):
+    model, _ = lora_model()  # freeze_module(): the state dict holds the trainable tensors only
+    plain = Trainer(model=model, args=training_arguments(tmp_path / "plain"))
+    with pytest.raises(RuntimeError, match=r"save_finetuned.*DeltaTrainer"):
+        plain.save_model(str(tmp_path / "plain-checkpoint"))
 
 
 def test_an_unfrozen_backbone_is_refused(tmp_path):
@@ -200,3 +211,16 @@ def test_a_model_other_than_the_backbone_is_refused(tmp_path):
     other = tiny_model("bert", "classification")
     with pytest.raises(ValueError, match=r"model is not the backbone of delta_model"):
         DeltaTrainer(other, delta_model=delta_model, args=training_arguments(tmp_path))
+
+
+def test_a_star_import_leaves_the_trainer_unimported():
+    # OpenDelta scripts start with `from opendelta import *`; importing transformers' Trainer
+    # would triple the import time, so DeltaTrainer stays out of __all__ and loads on first use.
+    code = (
+        "import sys\nfrom fastdelta import *\n"
+        "assert 'LoraModel' in dir() and 'DeltaTrainer' not in dir()\n"
+        "assert 'transformers.trainer' not in sys.modules\n"
+        "import fastdelta\nassert fastdelta.DeltaTrainer.__name__ == 'DeltaTrainer'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
