@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer
 
 from fastdelta import AutoDeltaModel
+from fastdelta.visualization import output_console
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -93,10 +94,10 @@ def main() -> None:
             total += len(labels)
     if accelerator.is_main_process:
         delta_model.save_finetuned(args.output_dir)
-        job.console.print(
-            f"{accelerator.num_processes} process(es) on {accelerator.device.type}: {steps} steps "
-            f"in {seconds:.1f} s, test accuracy {correct / total:.3f}; deltas saved to "
-            f"{args.output_dir}"
+        output_console().print(
+            f"{accelerator.num_processes} process(es) on {accelerator.device.type} with "
+            f"{torch.get_num_threads()} torch threads each: {steps} steps in {seconds:.1f} s, "
+            f"test accuracy {correct / total:.3f}; deltas saved to {args.output_dir}"
         )
     accelerator.end_training()
 

@@ -104,7 +104,8 @@ def main() -> None:
     )
     backends = ", ".join(sorted(delta_model.backends()))
     console.print(
-        f"{args.steps / seconds:.1f} steps/s on the {backends} backend; "
+        f"{args.steps / seconds:.1f} steps/s on the {backends} backend with "
+        f"{torch.get_num_threads()} torch threads; "
         f"state_dict keeps {len(model.state_dict())} trainable tensors"
     )
     if reattached != after:

@@ -121,6 +121,15 @@ def prepare_directory(path: str | Path, format: str) -> Path:
     return path
 
 
+def follow_umask(*paths: Path) -> None:
+    """Give the files `paths` the mode a new file gets under the process umask (0644 under
+    the usual 022), as config.json has: safetensors' save_file creates its file 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
+
+
 # Reading and checking tensors
 
 

@@ -27,6 +27,7 @@ from fastdelta.addressing import pattern_matches
 from fastdelta.checkpoint_io import (
     PEFT_CONFIG_NAME,
     PEFT_WEIGHTS_NAMES,
+    follow_umask,
     load_weights_file,
     prepare_directory,
 )
@@ -93,6 +94,32 @@ UNSUPPORTED_FIELDS = (
 # The others (pissa, olora, corda, loftq, ...) also change the base weights unless PEFT converted
 # the adapter when saving it (it then writes True), or select a LoRA variant (mica).
 PLAIN_INITIALISATIONS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+# PEFT's task types, each with the transformers auto-class mapping ({model_type: class name})
+# of its models; the AutoPeftModelFor* class of a task loads only adapters of its task type.
+TASK_TYPE_MAPPINGS = (
+    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES"),
+)
+
+
+def peft_task_type(class_name: str, model_type: str | None) -> str | None:
+    """PEFT's task_type of a transformers model class (`BertForSequenceClassification` of
+    model_type "bert" -> "SEQ_CLS"): the task whose auto class builds that class for that
+    model_type. None for a class of no PEFT task (a masked LM, a module outside transformers),
+    which PeftModel.from_pretrained loads and the AutoPeftModelFor* classes do not."""
+    from transformers.models.auto import modeling_auto
+
+    for task_type, mapping in TASK_TYPE_MAPPINGS:
+        names = getattr(modeling_auto, mapping, {}).get(model_type, ())
+        if class_name in ((names,) if isinstance(names, str) else names):
+            return task_type
+    return None
 
 
 def _is_off(value) -> bool:
@@ -234,7 +261,7 @@ def _prefixes(name: str) -> list[str]:
     return [".".join(segments[: index + 1]) for index in range(len(segments))]
 
 
-def _as_entries(peft_targets: str | list[str] | None) -> list[str] | None:
+def as_entries(peft_targets: str | list[str] | None) -> list[str] | None:
     """PEFT's target/exclude rule in fastdelta's addressing: list entries mean the same; a
     string is a regex over the whole name."""
     if not peft_targets:
@@ -271,8 +298,8 @@ def lora_arguments(
                 "target_modules='all-linear' names modules only on a backbone: load the adapter "
                 "with AutoDeltaModel.from_finetuned(path, backbone_model)"
             )
-        targets = _as_entries(config["target_modules"])
-        exclude = _as_entries(config.get("exclude_modules"))
+        targets = as_entries(config["target_modules"])
+        exclude = as_entries(config.get("exclude_modules"))
     else:
         rank_pattern = _patterns_for(rank_pattern, targets)
         alpha_pattern = _patterns_for(alpha_pattern, targets)
@@ -316,11 +343,14 @@ def peft_config(
     fan_in_fan_out: bool,
     heads: list[str],
     base_model_name: str | None,
+    task_type: str | None = None,
 ) -> dict[str, Any]:
-    """The adapter_config.json of LoRA deltas on `targets` built with LoraConfig `arguments`."""
+    """The adapter_config.json of LoRA deltas on `targets` built with LoraConfig `arguments`,
+    for a base model loaded from `base_model_name` (a path or hub name; None when it was not
+    loaded with from_pretrained) of PEFT task `task_type` (`peft_task_type`)."""
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name,
         "target_modules": targets,
         "r": arguments["lora_r"],
@@ -355,4 +385,5 @@ def write_peft(path: str | Path, config: dict[str, Any], tensors: dict) -> Path:
         path / WEIGHTS_NAMES[0],
         metadata={"format": "pt"},
     )
+    follow_umask(path / CONFIG_NAME, path / WEIGHTS_NAMES[0])
     return path

@@ -26,6 +26,7 @@ from fastdelta.checkpoint_io import (
     CONFIG_NAME,
     checkpoint_format,
     directory_path,
+    follow_umask,
     load_weights_file,
     prepare_directory,
 )
@@ -77,6 +78,7 @@ def write_checkpoint(path: str | Path, config: dict[str, Any], tensors: dict) ->
         path / WEIGHTS_NAME,
         metadata={"format": "pt", "fastdelta_version": __version__},
     )
+    follow_umask(path / CONFIG_NAME, path / WEIGHTS_NAME)
     return path
 
 

@@ -5,10 +5,16 @@ reads `name(ClassName)` followed by the module's own parameters and their shapes
 (`query,key,value(Linear) weight:[36, 36] bias:[36]`). Siblings with identical subtrees, parameter
 states included, share one node (`0-11(BertLayer)`), so a layer that carries a delta or was
 unfrozen differently gets a node of its own.
+
+Parameter states are colours on a terminal. Where there is no colour (a log file, a pipe,
+NO_COLOR) each parameter that is not frozen carries its state as a tag instead
+(`weight:[2, 36](trainable)`, `lora_A:[8, 36](delta)`), and `output_console()` gives stdout a
+console that does not wrap lines at 80 columns there.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from rich.console import Console, ConsoleOptions, RenderResult
@@ -27,8 +33,32 @@ STATE_STYLES = {
     "delta": "bold red",
     "frozen delta": "dim red",
 }
+# Parameter state -> the tag it carries where there is no colour; a frozen one carries none.
+STATE_TAGS = {
+    "frozen": "",
+    "trainable": "(trainable)",
+    "delta": "(delta)",
+    "frozen delta": "(frozen delta)",
+}
 DELTA_MODULE_STYLE = STATE_STYLES["delta"]
 CLASS_STYLE = "cyan"
+# The width lines are laid out in off a terminal: wide enough that no line of a structure graph
+# or a table wraps (rich's default there is 80 columns). A COLUMNS variable still decides.
+UNWRAPPED_WIDTH = 1000
+
+
+def output_console() -> Console:
+    """A rich Console on stdout: rich's own on a terminal; off one (stdout is a file or a
+    pipe), one that does not wrap lines, unless $COLUMNS sets a width."""
+    console = Console()
+    if console.is_terminal or os.environ.get("COLUMNS"):
+        return console
+    return Console(width=UNWRAPPED_WIDTH)
+
+
+def has_colour(console: Console) -> bool:
+    """Whether `console` shows colours (not a file or pipe, not NO_COLOR)."""
+    return console.color_system is not None and not console.no_color
 
 
 @dataclass
@@ -48,18 +78,27 @@ class _Node:
 
 
 class StructureTree(Tree):
-    """A rich `Tree` that renders the legend of parameter styles under itself."""
+    """A rich `Tree` that renders the legend of parameter styles under itself, and, on a
+    console without colour, its `tagged` twin (parameter states as text tags) instead."""
+
+    tagged: Tree | None = None
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self.tagged is not None and not has_colour(console):
+            yield self.tagged
+            yield legend(tags=True)
+            return
         yield from super().__rich_console__(console, options)
         yield legend()
 
 
-def legend() -> Text:
-    """The line naming each parameter style, e.g. `Legend: frozen  trainable  delta  ...`."""
+def legend(tags: bool = False) -> Text:
+    """The line naming each parameter style, e.g. `Legend: frozen  trainable  delta  ...`;
+    with `tags`, the tag of each state: `Legend: frozen (no tag)  trainable (trainable) ...`."""
     parts: list[str | tuple[str, str]] = ["Legend: "]
     for state, style in STATE_STYLES.items():
-        parts += [(state, style), "  "]
+        shown = f"{state} {STATE_TAGS[state] or '(no tag)'}" if tags else state
+        parts += [(shown, style), "  "]
     return Text.assemble(*parts[:-1])
 
 
@@ -106,8 +145,10 @@ class Visualization:
         root = describer.describe(self.model, "", rootname, ancestor_common=(), is_delta=False)
         tree = StructureTree(_node_label(rootname, root, expand_params))
         _add_node_contents(tree, root, expand_params)
+        tree.tagged = Tree(_node_label(rootname, root, expand_params, tags=True))
+        _add_node_contents(tree.tagged, root, expand_params, tags=True)
         if printTree:
-            Console().print(tree)
+            output_console().print(tree)
         return tree
 
 
@@ -210,12 +251,13 @@ def _fold_names(names: list[str]) -> str:
     return ",".join(parts)
 
 
-def _parameter_text(name: str, shape: tuple[int, ...], state: str) -> Text:
-    """`weight:[36, 52]` in the style of its state."""
-    return Text(f"{name}:{list(shape)}", style=STATE_STYLES[state])
+def _parameter_text(name: str, shape: tuple[int, ...], state: str, tags: bool = False) -> Text:
+    """`weight:[36, 52]` in the style of its state, followed by its tag when `tags`."""
+    tag = STATE_TAGS[state] if tags else ""
+    return Text(f"{name}:{list(shape)}{tag}", style=STATE_STYLES[state])
 
 
-def _node_label(name: str, node: _Node, expand_params: bool) -> Text:
+def _node_label(name: str, node: _Node, expand_params: bool, tags: bool = False) -> Text:
     """`name(ClassName)`, followed by the node's own parameters unless they get lines of their
     own; a delta module's name is styled like a delta parameter."""
     name_style = DELTA_MODULE_STYLE if node.is_delta else ""
@@ -223,20 +265,20 @@ def _node_label(name: str, node: _Node, expand_params: bool) -> Text:
     if not expand_params:
         for parameter in node.parameters:
             label.append(" ")
-            label.append_text(_parameter_text(*parameter))
+            label.append_text(_parameter_text(*parameter, tags=tags))
     return label
 
 
-def _add_node_contents(tree: Tree, node: _Node, expand_params: bool) -> None:
+def _add_node_contents(tree: Tree, node: _Node, expand_params: bool, tags: bool = False) -> None:
     """Adds under `tree` the parameters of `node` (when expanded) and its children, identical
     siblings folded into one branch in order of first appearance."""
     if expand_params:
         for parameter in node.parameters:
-            tree.add(_parameter_text(*parameter))
+            tree.add(_parameter_text(*parameter, tags=tags))
     groups: dict[int, list[_Node]] = {}
     for child in node.children:
         groups.setdefault(child.signature, []).append(child)
     for members in groups.values():
         name = _fold_names([member.label for member in members])
-        branch = tree.add(_node_label(name, members[0], expand_params))
-        _add_node_contents(branch, members[0], expand_params)
+        branch = tree.add(_node_label(name, members[0], expand_params, tags))
+        _add_node_contents(branch, members[0], expand_params, tags)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,7 +44,7 @@ def test_inspect_shows_the_deltas_it_is_asked_to_attach(llama_dir, capsys):
     arguments = ["inspect", str(llama_dir), "--delta", "lora", "--modified-modules", "q_proj"]
     assert cli.main(arguments) == 0
     output = capsys.readouterr().out
-    assert "lora(LoraDelta) lora_A:[8, 36] lora_B:[36, 8]" in output
+    assert "lora(LoraDelta) lora_A:[8, 36](delta) lora_B:[36, 8](delta)" in output
 
 
 def test_inspect_builds_no_weights(llama_dir, monkeypatch):
@@ -61,7 +63,7 @@ def test_inspect_builds_no_weights(llama_dir, monkeypatch):
 @pytest.mark.parametrize(
     ("location", "message"),
     [
-        ("meta-llama/Llama-2-7b-hf", r"downloads nothing.*huggingface-cli download"),
+        ("meta-llama/Llama-2-7b-hf", r"downloads nothing.*`hf download meta-llama/"),
         ("{tmp}", r"holds no config\.json"),
         ("{tmp}/config.json", r"has no 'model_type'"),
         ("{tmp}/weights.bin", r"is not a JSON config file"),
@@ -92,6 +94,43 @@ def test_inspect_refuses_what_it_cannot_read_locally(tmp_path, location, message
 def test_inspect_reports_delta_errors(llama_dir, arguments, message, capsys):
     assert cli.main(["inspect", str(llama_dir), *arguments]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_misspelled_module_gets_no_meta_device_hint(llama_dir, capsys):
+    arguments = ["inspect", str(llama_dir), "--delta", "lora", "--modified-modules", "q_prj"]
+    assert cli.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "q_prj" in error
+    assert "meta" not in error
+    assert "huggingface-cli" not in error
+
+
+def test_the_delta_types_of_inspect_are_the_delta_models():
+    from fastdelta.delta_models.auto import DELTA_MODELS
+
+    assert sorted(cli.DELTA_TYPES) == sorted(DELTA_MODELS)
+
+
+def test_help_is_answered_before_torch_is_imported(tmp_path):
+    """`fastdelta --help` parses its arguments before importing torch, transformers or the
+    delta models: fastdelta.cli itself imports none of them (the package's __init__ does)."""
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('cli', {str(cli.__file__)!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "try:\n"
+        "    module.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [name for name in ('torch', 'transformers', 'fastdelta') if name in sys.modules]\n"
+        "print('imported:', heavy)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert "inspect" in completed.stdout
+    assert "imported: []" in completed.stdout
 
 
 def test_bench_help_lists_its_options(capsys):

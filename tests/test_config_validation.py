@@ -39,6 +39,8 @@ BAD_ARGUMENTS = [
     (AdapterModel, "bottleneck_dim", 2**40, ValueError, "bottleneck_dim=1099511627776 is wider"),
     (ParallelAdapterModel, "scaled", "1", ValueError, "scaled must be a finite number"),
     (LoraModel, "lora_alpha", float("nan"), ValueError, "lora_alpha must be a finite number"),
+    (LoraModel, "lora_alpha", 10**400, ValueError, "lora_alpha must be a finite number"),
+    (LoraModel, "alpha_pattern", {"value": 10**400}, ValueError, "alpha_pattern['value'] must"),
     (LoraModel, "backend", 5, ValueError, "backend=5 is not supported"),
     (AdapterModel, "non_linearity", 5, TypeError, "non_linearity must be a string"),
 ]
@@ -47,7 +49,7 @@ BAD_ARGUMENTS = [
 @pytest.mark.parametrize(
     ("delta_class", "argument", "value", "error", "message"),
     BAD_ARGUMENTS,
-    ids=[f"{argument}={value!r}" for _, argument, value, _, _ in BAD_ARGUMENTS],
+    ids=[f"{argument}={value!r}"[:60] for _, argument, value, _, _ in BAD_ARGUMENTS],
 )
 def test_a_bad_argument_is_refused_naming_it(delta_class, argument, value, error, message):
     with pytest.raises(error) as raised:

@@ -6,13 +6,16 @@ package nor minutes."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import transformers
+from rich.console import Console
 from tiny_models import tiny_model
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -87,3 +90,73 @@ def test_the_main_job_runs_end_to_end(tiny_backbone, tmp_path, monkeypatch, caps
     assert "4 of batch 16" in printed
     assert (output_dir / "delta.safetensors").is_file()
     assert json.loads((output_dir / "config.json").read_text())["delta_type"] == delta
+    # Read from a file (capsys is not a terminal): plain progress, the thread count, whole lines.
+    assert re.search(r"epoch 1/3: step 4/4, loss \d+\.\d{4}, [\d.]+ steps/s", printed)
+    assert re.search(r"torch threads\W+\d+", printed)
+    assert "(delta)" in printed or delta == "bitfit"  # parameter states as tags, not colour
+    assert "\x1b[" not in printed
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_lines_come_every_few_seconds_or_steps_and_at_the_end():
+    finetune = load_script(EXAMPLES / "finetune.py")
+    clock, lines = FakeClock(), []
+    progress = finetune.ProgressLines(120, lines.append, seconds=10.0, steps=50, clock=clock)
+    for step in range(1, 121):
+        clock.now = step * 0.5 if step <= 40 else 20 + (step - 40) * 0.01  # then much faster
+        progress.advance("epoch 1/1", loss=1.0 / step)
+    # Every 20 steps while 0.5 s each (10 s), every 50 steps when fast, and the last step.
+    assert [line.split(",")[0] for line in lines] == [
+        "epoch 1/1: step 20/120",
+        "epoch 1/1: step 40/120",
+        "epoch 1/1: step 90/120",
+        "epoch 1/1: step 120/120",
+    ]
+    assert lines[0] == "epoch 1/1: step 20/120, loss 0.0500, 2.00 steps/s, 50 s left"
+
+
+def test_progress_display_is_plain_lines_off_a_terminal():
+    finetune = load_script(EXAMPLES / "finetune.py")
+    file = io.StringIO()
+    console = Console(file=file)
+    with finetune.progress_display(console, 2) as advance:
+        advance("epoch 1/1", 0.5)
+        advance("epoch 1/1", 0.25)
+    assert re.fullmatch(
+        r"epoch 1/1: step 2/2, loss 0\.2500, [\d.]+ steps/s, 0 s left\n", file.getvalue()
+    )
+
+
+HEAVY = ("torch", "transformers", "fastdelta")
+HELP_SCRIPT = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("finetune", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+sys.argv = ["finetune.py", "--help"]
+try:
+    module.main()
+except SystemExit:
+    pass
+print("imported:", [name for name in {heavy} if name in sys.modules])
+"""
+
+
+def test_help_answers_before_torch_is_imported(tmp_path):
+    script = HELP_SCRIPT.format(heavy=HEAVY)
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(EXAMPLES / "finetune.py")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    )
+    assert "--max-steps" in completed.stdout
+    assert "imported: []" in completed.stdout

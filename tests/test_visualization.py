@@ -15,7 +15,13 @@ from torch import nn
 from fastdelta.injection import attach_delta
 from fastdelta.layers.base import DeltaLayer
 from fastdelta.structures import UnsupportedArchitectureError
-from fastdelta.visualization import DELTA_MODULE_STYLE, STATE_STYLES, Visualization
+from fastdelta.visualization import (
+    DELTA_MODULE_STYLE,
+    STATE_STYLES,
+    STATE_TAGS,
+    Visualization,
+    output_console,
+)
 
 
 class TinyLora(DeltaLayer):
@@ -105,6 +111,7 @@ def test_identical_siblings_fold(layers):
 
 
 def test_parameter_shapes_follow_their_module(bert):
+    freeze_everything(bert)  # frozen parameters carry no tag
     text = graph_text(bert)
     assert "word_embeddings(Embedding) weight:[96, 36]" in text
     assert "intermediate(BertIntermediate)" in text
@@ -112,6 +119,7 @@ def test_parameter_shapes_follow_their_module(bert):
 
 
 def test_expand_params_gives_each_parameter_its_own_line(bert):
+    freeze_everything(bert)
     lines = [line.rstrip() for line in graph_text(bert, expand_params=True).splitlines()]
     module_line = next(i for i, line in enumerate(lines) if line.endswith("dense(Linear)"))
     assert lines[module_line + 1].endswith("weight:[36, 36]")
@@ -220,3 +228,70 @@ def test_print_tree_prints_only_when_asked(bert, capsys, print_tree):
         assert "Legend:" in printed
     else:
         assert printed == ""
+
+
+# Off a terminal: states as text tags, lines not wrapped
+
+
+def colour_render(tree: Tree) -> str:
+    console = Console(record=True, width=200, file=io.StringIO(), color_system="truecolor")
+    console.print(tree)
+    return console.export_text()
+
+
+def test_states_read_as_tags_without_colour(bert):
+    train_only_one_bias(bert)
+    attach_lora(bert, layer=0)
+    text = graph_text(bert)  # a StringIO console: no colour
+    assert "bias:[36](trainable)" in text
+    assert "lora_A:[2, 36](delta) lora_B:[36, 2](delta)" in text
+    assert "word_embeddings(Embedding) weight:[96, 36]\n" in text  # frozen: no tag
+    last_line = text.rstrip().splitlines()[-1]
+    for state, tag in STATE_TAGS.items():
+        assert f"{state} {tag or '(no tag)'}" in last_line
+
+
+def test_frozen_delta_has_its_own_tag(bert):
+    attach_frozen_lora(bert)
+    assert "lora_A:[2, 36](frozen delta)" in graph_text(bert)
+
+
+def test_colour_consoles_show_no_tags(bert):
+    attach_lora(bert)
+    text = colour_render(Visualization(bert).structure_graph(printTree=False))
+    assert "lora_A:[2, 36] lora_B:[36, 2]" in text
+    assert "(delta)" not in text
+    assert "(trainable)" not in text
+
+
+def test_no_colour_environment_gets_tags_on_a_terminal(bert, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    attach_lora(bert)
+    console = Console(record=True, width=200, file=io.StringIO(), force_terminal=True)
+    console.print(Visualization(bert).structure_graph(printTree=False))
+    assert "lora_A:[2, 36](delta)" in console.export_text()
+
+
+def test_output_console_does_not_wrap_off_a_terminal(monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    console = output_console()
+    assert not console.is_terminal
+    assert console.width > 300
+
+
+def test_columns_still_sets_the_width_off_a_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "123")
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert output_console().width == 123
+
+
+def test_a_printed_graph_keeps_long_lines_whole_in_a_file(bert, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    stdout = io.StringIO()
+    monkeypatch.setattr("sys.stdout", stdout)
+    attach_lora(bert)
+    Visualization(bert).structure_graph(rootname="a_long_root_name_" * 6)
+    lines = stdout.getvalue().splitlines()
+    assert lines[0] == "a_long_root_name_" * 6 + "(BertModel)"  # 113 characters, one line
+    assert "\x1b[" not in stdout.getvalue()  # no colour codes in the file

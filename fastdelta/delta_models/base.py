@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
@@ -14,7 +15,7 @@ from fastdelta.delta_models import checkpoint
 from fastdelta.delta_models.config import BaseDeltaConfig
 from fastdelta.delta_models.targets import check_target_runs
 from fastdelta.injection import attach_delta, detach_delta
-from fastdelta.layers.base import DeltaLayer, delta_parameter_names
+from fastdelta.layers.base import DeltaLayer, attached_deltas, delta_parameter_names
 from fastdelta.pseudo_input import Sizes, module_sizes
 from fastdelta.structures import common_structure_names
 
@@ -28,6 +29,9 @@ TASK_HEAD_CLASS_SUFFIXES = (
     "ForTokenClassification",
     "ForQuestionAnswering",
 )
+# Modules of a base model that some checkpoints lack (sentence encoders saved without BERT's
+# pooler): when transformers initialised one at random on loading, it is a fresh head too.
+FRESH_WHEN_NOT_LOADED = ("pooler",)
 DELTAS_ENTRY = "deltas"
 
 
@@ -65,6 +69,8 @@ class DeltaBase:
         self.attachments: list[Attachment] = []
         self._trainable_state_dict_hook = None
         self._trainable_state_dict_wanted = False
+        # {module name: why freeze_module kept it trainable}, for log().
+        self.kept_trainable: dict[str, str] = {}
         targets = self._targets()
         try:
             self.add_all_delta_to_backbone(targets)
@@ -209,7 +215,8 @@ class DeltaBase:
         # model must not run LoRA dropout).
         delta_module.train(host.training)
         check_target_runs(self.backbone_model, host_name, role)
-        attach_delta(host, delta_module, delta_name, role, host_name)
+        # The backbone itself has the empty name: error messages name it in words.
+        attach_delta(host, delta_module, delta_name, role, host_name or "the backbone itself")
         self.attachments.append(Attachment(host_name, delta_name, role, delta_module))
 
     def _name_of(self, module: nn.Module) -> str:
@@ -224,45 +231,66 @@ class DeltaBase:
         """Take the deltas (inside `module`, default all) off the backbone, which then computes
         exactly what it did before they were added (a merged LoRA delta is unmerged first, which
         restores its layer's weight to within the dtype's rounding). `attach()` puts them back."""
-        selected = self._in_scope(module, attached=True, action="detach")
+        self._take_off(self._in_scope(module, attached=True, action="detach"))
+        if reset_state_dict:
+            self._set_trainable_state_dict(False)
+
+    def _take_off(self, selected: list[Attachment]) -> None:
         for attachment in reversed(selected):
             host = self.backbone_model.get_submodule(attachment.host_name)
             detach_delta(host, attachment.delta_name)
             if isinstance(attachment.delta, DeltaLayer):
                 attachment.delta.on_detach(host)
             attachment.attached = False
-        if reset_state_dict:
-            self._set_trainable_state_dict(False)
 
     def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
         """Put back the deltas that `detach()` took off (inside `module`, default all), each in
         its place among its module's deltas. If one cannot be attached (another delta model
         attached a delta of its kind there meanwhile), those put back are taken off again."""
+        self._put_back(self._in_scope(module, attached=False, action="attach"))
+        if reset_state_dict:
+            self._set_trainable_state_dict(self._trainable_state_dict_wanted)
+
+    def _put_back(self, selected: list[Attachment]) -> None:
+        """Attach `selected` again, all or (taking back those put back) none."""
         attached = []
         try:
-            for attachment in self._in_scope(module, attached=False, action="attach"):
+            for attachment in selected:
                 host = self.backbone_model.get_submodule(attachment.host_name)
                 attach_delta(
                     host,
                     attachment.delta,
                     attachment.delta_name,
                     attachment.role,
-                    attachment.host_name,
+                    attachment.host_name or "the backbone itself",
                 )
                 if isinstance(attachment.delta, DeltaLayer):
                     attachment.delta.on_attach(host)
                 attachment.attached = True
                 attached.append(attachment)
         except Exception:
-            for attachment in reversed(attached):
-                host = self.backbone_model.get_submodule(attachment.host_name)
-                detach_delta(host, attachment.delta_name)
-                if isinstance(attachment.delta, DeltaLayer):
-                    attachment.delta.on_detach(host)
-                attachment.attached = False
+            self._take_off(attached)
             raise
-        if reset_state_dict:
-            self._set_trainable_state_dict(self._trainable_state_dict_wanted)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """PEFT's context manager for the base model's outputs: inside `with
+        delta_model.disable_adapter():` the backbone runs without this delta model's deltas (as
+        `detach()` leaves it); on leaving, by an exception too, exactly the deltas that were
+        attached are put back, and merged LoRA deltas merged again (their layers' weights within
+        the dtype's rounding). A trained head stays as it is: it is part of the backbone."""
+        attached = [attachment for attachment in self.attachments if attachment.attached]
+        merged = [a for a in attached if getattr(a.delta, "merged", False)]
+        trimmed = self._trainable_state_dict_hook is not None
+        self._take_off(attached)
+        self._set_trainable_state_dict(False)
+        try:
+            yield
+        finally:
+            self._put_back(attached)
+            for attachment in merged:
+                attachment.delta.merge(self.backbone_model.get_submodule(attachment.host_name))
+            self._set_trainable_state_dict(trimmed)
 
     def _in_scope(self, module, attached: bool, action: str) -> list[Attachment]:
         prefix = None if module is None else self._name_of(module)
@@ -296,15 +324,21 @@ class DeltaBase:
 
         `exclude` uses the addressing rules on module and parameter names; the entry "deltas"
         means every delta parameter. With `exclude=None` the deltas stay trainable, and so does
-        a freshly initialised task head (the classifier of a *ForSequenceClassification model);
-        `unfrozen_modules` given to the constructor replaces that default. An explicit `exclude`
-        is honoured exactly. `set_state_dict=True` makes the backbone's `state_dict()` hold the
-        trainable tensors only. Calling it again re-applies the rule.
+        a freshly initialised head: the classifier of a *ForSequenceClassification model, and a
+        pooler that the checkpoint lacked (transformers initialised it at random on loading; a
+        pretrained pooler stays frozen, as in PEFT). `unfrozen_modules` given to the constructor
+        replaces that default. An explicit `exclude` is honoured exactly. `log()` says which
+        modules stayed trainable and why (`kept_trainable`).
+
+        `set_state_dict=True` makes the backbone's `state_dict()` hold the trainable tensors
+        only (OpenDelta's meaning: `torch.save(model.state_dict())` saves just those). Its
+        transformers `save_pretrained` (and `push_to_hub`) then refuses to write such a partial
+        model: save with `save_finetuned`. Calling it again re-applies the rule.
         """
         module = self.backbone_model if module is None else module
         explicit = exclude if exclude is not None else self.config.unfrozen_modules
         entries = check_entries(explicit, "exclude") if explicit is not None else [DELTAS_ENTRY]
-        heads = task_head_names(module) if explicit is None else []
+        heads = fresh_heads(module) if explicit is None else {}
         named_entries = [entry for entry in entries if entry != DELTAS_ENTRY]
 
         addresses = ModuleAddresses(module, include_deltas=True)
@@ -337,17 +371,28 @@ class DeltaBase:
         for _, parameter in parameters:
             parameter.requires_grad_(trainable[id(parameter)])
 
+        argument = "exclude" if exclude is not None else "unfrozen_modules"
+        delta_modules = _delta_module_names(module)
+        self.kept_trainable = heads or {
+            name: f"named in {argument}"
+            for name in _outermost(kept_modules)
+            if not _inside_a_delta(name, delta_modules)
+        }
         self._trainable_state_dict_wanted = set_state_dict
         self._set_trainable_state_dict(set_state_dict)
 
     def _set_trainable_state_dict(self, enabled: bool) -> None:
+        backbone = self.backbone_model
         if enabled and self._trainable_state_dict_hook is None:
-            self._trainable_state_dict_hook = self.backbone_model.register_state_dict_post_hook(
+            self._trainable_state_dict_hook = backbone.register_state_dict_post_hook(
                 _keep_trainable_tensors
             )
+            _guard_save_pretrained(backbone)
         elif not enabled and self._trainable_state_dict_hook is not None:
             self._trainable_state_dict_hook.remove()
             self._trainable_state_dict_hook = None
+            if not trims_state_dict(backbone):  # another delta model's trimming may remain
+                _unguard_save_pretrained(backbone)
 
     # Counting and logging
 
@@ -361,6 +406,19 @@ class DeltaBase:
 
     def num_trainable_parameters(self, module: nn.Module | None = None) -> int:
         return sum(parameter.numel() for parameter in self.trainable_parameters(module))
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters) of the backbone, deltas included, each shared
+        parameter counted once: PEFT's method of the same name."""
+        return self.num_trainable_parameters(), self.num_total_parameters()
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: `trainable params: X || all params: Y || trainable%: Z`."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
 
     def num_total_parameters(self, module: nn.Module | None = None) -> int:
         module = self.backbone_model if module is None else module
@@ -385,11 +443,13 @@ class DeltaBase:
         visualization: bool = True,
         cuda_memory: bool = True,
     ):
-        """Print the structure graph, parameter ratios, memory and the backend of each delta."""
-        from fastdelta.visualization import Visualization
+        """Print the structure graph, parameter ratios, the modules outside the deltas that
+        stayed trainable and why, memory and the backend of each delta. Off a terminal (a log
+        file) lines are not wrapped and parameter states are written as tags."""
+        from fastdelta.visualization import Visualization, output_console
 
         module = self.backbone_model if module is None else module
-        console = Console()
+        console = output_console()
         if visualization:
             console.print(Visualization(module).structure_graph(printTree=False))
         total = self.num_total_parameters(module)
@@ -401,6 +461,8 @@ class DeltaBase:
             delta = self.num_delta_parameters(module)
             table.add_row("delta parameters", f"{delta:,} ({100 * delta / total:.4f}%)")
         table.add_row("total parameters", f"{total:,}")
+        for label, text in self._head_rows(module):
+            table.add_row(label, text)
         table.add_row(
             "deltas attached",
             f"{sum(a.attached for a in self.attachments)} of {len(self.attachments)}",
@@ -415,6 +477,23 @@ class DeltaBase:
                 f"({torch.cuda.max_memory_allocated() / 2**20:.1f} MiB)",
             )
         console.print(table)
+
+    def _head_rows(self, module: nn.Module) -> list[tuple[str, str]]:
+        """log()'s rows on the modules outside the deltas that freeze_module kept trainable
+        (and why), and on frozen poolers, which newcomers expect to train with the head."""
+        rows = [
+            ("trainable, besides the deltas", f"{name}: {reason}")
+            for name, reason in self.kept_trainable.items()
+            if _has_trainable_parameter(module, name)
+        ]
+        for name, child in module.named_modules():
+            if name.rpartition(".")[2] not in FRESH_WHEN_NOT_LOADED or name in self.kept_trainable:
+                continue
+            parameters = list(child.parameters())
+            if parameters and not any(parameter.requires_grad for parameter in parameters):
+                advice = f'freeze_module(exclude=["deltas", <head>, "{name}"]) trains it too'
+                rows.append(("frozen", f"{name}: part of the base model; {advice}"))
+        return rows
 
     def backends(self) -> set[str]:
         """The compute backends the attached deltas run on."""
@@ -436,6 +515,74 @@ def config_arguments(arguments: dict) -> dict:
     }
 
 
+def fresh_heads(model: nn.Module) -> dict[str, str]:
+    """{name: why} of the modules of `model` that were freshly initialised for the task: the
+    head of a task model (`task_head_names`), and a pooler that the checkpoint it was loaded
+    from lacked (`not_loaded_modules`)."""
+    reason = f"new task head of {type(model).__name__}, initialised for the task"
+    heads = dict.fromkeys(task_head_names(model), reason)
+    for name in not_loaded_modules(model, FRESH_WHEN_NOT_LOADED):
+        if not any(head == name or name.startswith(head + ".") for head in heads):
+            heads[name] = (
+                "not in the checkpoint the model was loaded from: transformers initialised it "
+                "at random"
+            )
+    return heads
+
+
+def not_loaded_modules(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    """The modules of `model` named one of `names` (last segment) whose parameters
+    transformers' `from_pretrained` initialised instead of loading them.
+
+    transformers (5.x) marks each parameter it loaded from the checkpoint with
+    `_is_hf_initialized`; a model built from a config, deep-copied, or loaded by a transformers
+    that does not mark them has no marked parameter, and then nothing is reported."""
+    deltas = delta_parameter_names(model)
+    parameters = [
+        (name, parameter) for name, parameter in model.named_parameters() if name not in deltas
+    ]
+    if not any(_loaded(parameter) for _, parameter in parameters):
+        return []
+    found = []
+    for module_name, _ in model.named_modules():
+        if module_name.rpartition(".")[2] not in names:
+            continue
+        own = [p for name, p in parameters if name.startswith(module_name + ".")]
+        if own and not any(_loaded(parameter) for parameter in own):
+            found.append(module_name)
+    return found
+
+
+def _has_trainable_parameter(model: nn.Module, name: str) -> bool:
+    try:
+        submodule = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return any(parameter.requires_grad for parameter in submodule.parameters())
+
+
+def _loaded(parameter: nn.Parameter) -> bool:
+    return bool(getattr(parameter, "_is_hf_initialized", False))
+
+
+def _outermost(names) -> list[str]:
+    """`names` without those inside another of them, sorted."""
+    names = sorted(names)
+    return [name for name in names if not any(name.startswith(other + ".") for other in names)]
+
+
+def _delta_module_names(model: nn.Module) -> set[str]:
+    return {
+        f"{host_name}.{delta_name}" if host_name else delta_name
+        for host_name, host in model.named_modules()
+        for delta_name, _ in attached_deltas(host)
+    }
+
+
+def _inside_a_delta(name: str, delta_modules: set[str]) -> bool:
+    return name in delta_modules or any(ancestor in delta_modules for ancestor in _ancestors(name))
+
+
 def task_head_names(model: nn.Module) -> list[str]:
     """The children of a task model that form its freshly initialised head (its classifier)."""
     if not type(model).__name__.endswith(TASK_HEAD_CLASS_SUFFIXES):
@@ -453,6 +600,56 @@ def task_head_names(model: nn.Module) -> list[str]:
 def _ancestors(parameter_name: str) -> list[str]:
     segments = parameter_name.split(".")[:-1]
     return [".".join(segments[: index + 1]) for index in range(len(segments))]
+
+
+def trims_state_dict(model: nn.Module) -> bool:
+    """Whether a delta model's freeze_module(set_state_dict=True) trims `model.state_dict()`."""
+    return any(hook is _keep_trainable_tensors for hook in model._state_dict_hooks.values())
+
+
+class _GuardedSavePretrained:
+    """The backbone's transformers `save_pretrained` (which `push_to_hub` calls too), set on the
+    instance while its state dict is trimmed to the trainable tensors.
+
+    Writing that trimmed state dict as a model would leave a model.safetensors that
+    `from_pretrained` silently completes with freshly initialised weights, and writing the whole
+    state dict would save the deltas under names that `from_pretrained` ignores: either way the
+    user would reload something other than what they trained. So it refuses and names the
+    calls that do save it. The state dict itself stays trimmed, as OpenDelta's set_state_dict
+    means (`torch.save(model.state_dict())` saves the trainable tensors), and an explicit
+    `state_dict=` argument is the caller's choice and is saved as given. A plain object (not a
+    closure), so that the model still deep-copies and pickles.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.__doc__ = type(model).save_pretrained.__doc__
+
+    def __call__(self, save_directory, *args, **kwargs):
+        model = self.model
+        if kwargs.get("state_dict") is None and trims_state_dict(model):
+            trainable = sum(1 for parameter in model.parameters() if parameter.requires_grad)
+            raise RuntimeError(
+                f"{type(model).__name__}.save_pretrained would write only its {trainable} "
+                "trainable tensors, because delta_model.freeze_module() (set_state_dict=True, "
+                "its default) trims the model's state_dict(), and from_pretrained would fill in "
+                "the rest with freshly initialised weights. Save the deltas and the trained head "
+                "with delta_model.save_finetuned(dir) and reload them with "
+                "AutoDeltaModel.from_finetuned(dir, backbone_model=<the base model>), or call "
+                "delta_model.freeze_module(set_state_dict=False) first to save every tensor. "
+                "With transformers' Trainer, use fastdelta.DeltaTrainer."
+            )
+        return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+
+
+def _guard_save_pretrained(model: nn.Module) -> None:
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.__dict__["save_pretrained"] = _GuardedSavePretrained(model)
+
+
+def _unguard_save_pretrained(model: nn.Module) -> None:
+    if isinstance(model.__dict__.get("save_pretrained"), _GuardedSavePretrained):
+        del model.__dict__["save_pretrained"]
 
 
 def _keep_trainable_tensors(module, state_dict, prefix, local_metadata) -> None:

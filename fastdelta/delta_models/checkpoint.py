@@ -36,6 +36,7 @@ from fastdelta.peft_format import (
     peft_config,
     peft_heads,
     peft_targets,
+    peft_task_type,
     read_peft_config,
     read_peft_tensors,
     write_peft,
@@ -191,12 +192,14 @@ def _save_peft(delta_model, path, owned: dict, head: dict) -> Path:
     for name in heads:
         for parameter_name, parameter in backbone.get_submodule(name).named_parameters():
             tensors[f"{name}.{parameter_name}"] = parameter
+    model_type = getattr(getattr(backbone, "config", None), "model_type", None)
     config = peft_config(
         delta_model.config.to_dict(),
         [attachment.host_name for attachment in attachments],
         conv1d.pop(),
         heads,
         checkpoint_name(backbone),
+        peft_task_type(backbone_class_name(backbone), model_type),
     )
     return write_peft(path, config, tensors)
 

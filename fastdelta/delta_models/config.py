@@ -11,13 +11,14 @@ import dataclasses
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from fastdelta.addressing import check_entries, pattern_matches
 from fastdelta.ops.activations import canonical_activation
+from fastdelta.peft_format import as_entries
 
 SUPPORTED_MODEL_BACKENDS = ("hf",)
 # OpenDelta delta types that fastdelta does not implement.
@@ -32,6 +33,8 @@ class BaseDeltaConfig:
     """Arguments shared by every delta model (OpenDelta's names and defaults)."""
 
     delta_type: ClassVar[str] = ""
+    # PEFT's names of arguments this config also takes: {PEFT's name: fastdelta's name}.
+    peft_names: ClassVar[dict[str, str]] = {}
 
     modified_modules: list[str] | None = None
     exclude_modules: list[str] | None = None
@@ -78,7 +81,7 @@ class BaseDeltaConfig:
                 f"{cls.__name__} is for delta_type {cls.delta_type!r}, "
                 f"got {delta_type!r}; use AutoDeltaConfig.from_dict"
             )
-        known = {field.name for field in dataclasses.fields(cls)}
+        known = {field.name for field in dataclasses.fields(cls)} | set(cls.peft_names)
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(
@@ -157,13 +160,29 @@ def _require_patterns(patterns, name: str) -> None:
 
 
 def _require_finite(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        finite = number and math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        finite = False
+    if not finite:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 @dataclass
 class LoraConfig(BaseDeltaConfig):
+    """LoRA's arguments. PEFT's names are taken too, and stored under fastdelta's: `r` for
+    `lora_r`, `target_modules` for `modified_modules` (a string is PEFT's regex over the whole
+    module name) and `modules_to_save` for the head that trains with the deltas
+    (`unfrozen_modules=["deltas", *modules_to_save]`); giving both names of one argument with
+    different values is an error. `lora_alpha` and `lora_dropout` are the same in both."""
+
     delta_type: ClassVar[str] = "lora"
+    peft_names: ClassVar[dict[str, str]] = {
+        "r": "lora_r",
+        "target_modules": "modified_modules",
+        "modules_to_save": "unfrozen_modules",
+    }
 
     lora_r: int = 8
     lora_alpha: float = 16
@@ -173,8 +192,13 @@ class LoraConfig(BaseDeltaConfig):
     # (at a dot boundary) gives that module its own rank or alpha.
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
+    # PEFT's names, translated by __post_init__ (not fields: a config holds fastdelta's names).
+    r: InitVar[int | None] = None
+    target_modules: InitVar[list[str] | str | None] = None
+    modules_to_save: InitVar[list[str] | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, r, target_modules, modules_to_save):
+        self._take_peft_names(r, target_modules, modules_to_save)
         super().__post_init__()
         _require_positive_int(self.lora_r, "lora_r")
         _require_finite(self.lora_alpha, "lora_alpha")
@@ -205,6 +229,41 @@ class LoraConfig(BaseDeltaConfig):
                 UserWarning,
                 stacklevel=3,
             )
+
+    def _take_peft_names(self, r, target_modules, modules_to_save) -> None:
+        """Store the values given under PEFT's names under fastdelta's."""
+        if r is not None:
+            self._take("r", r, "lora_r")
+        if target_modules is not None:
+            if target_modules == "all-linear":
+                raise ValueError(
+                    "target_modules='all-linear' is PEFT's: fastdelta names the layers in "
+                    "modified_modules (e.g. ['attn@.q@', 'attn@.v@', 'ff@.w1@', 'ff@.w2@'])"
+                )
+            if not isinstance(target_modules, (str, list, tuple)):
+                raise TypeError(
+                    "target_modules (PEFT's name for modified_modules) must be a list of module "
+                    f"names or a regex string, got {target_modules!r}"
+                )
+            self._take("target_modules", as_entries(target_modules), "modified_modules")
+        if modules_to_save is not None:
+            if isinstance(modules_to_save, str) or not isinstance(modules_to_save, (list, tuple)):
+                raise TypeError(
+                    f"modules_to_save must be a list of module names, got {modules_to_save!r}"
+                )
+            entries = ["deltas", *modules_to_save]
+            self._take("modules_to_save", entries, "unfrozen_modules")
+
+    def _take(self, peft_name: str, value, name: str) -> None:
+        """Set `name` to `value`, given as `peft_name`, unless `name` was given another value."""
+        current = getattr(self, name)
+        default = next(field.default for field in dataclasses.fields(self) if field.name == name)
+        if current != default and current != value:
+            raise ValueError(
+                f"{peft_name} is PEFT's name for fastdelta's {name}, and both are given "
+                f"({peft_name}={value!r}, {name}={current!r}): give {name} only"
+            )
+        setattr(self, name, value)
 
 
 @dataclass

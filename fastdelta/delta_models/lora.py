@@ -24,6 +24,8 @@ class LoraModel(DeltaBase):
     layer, so its default targets `attn@.q@`, `attn@.v@` select it once).
     `use_rslora=True` scales by lora_alpha / sqrt(lora_r) instead. `rank_pattern` and
     `alpha_pattern` ({regex: value}, PEFT's rule) give matching modules their own rank or alpha.
+    PEFT's argument names `r`, `target_modules` and `modules_to_save` are taken too (see
+    `LoraConfig`).
     """
 
     config_class = LoraConfig
@@ -46,6 +48,9 @@ class LoraModel(DeltaBase):
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
         delta_dtype: torch.dtype | str | None = None,
+        r: int | None = None,
+        target_modules: list[str] | str | None = None,
+        modules_to_save: list[str] | None = None,
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 
