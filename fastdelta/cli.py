@@ -137,8 +137,19 @@ def load_config(location: str):
     model_type = values.pop("model_type")
     try:
         return transformers.AutoConfig.for_model(model_type, **values)
-    except ValueError as error:
-        raise CommandError(f"transformers cannot read {path}: {error}") from error
+    except _config_errors() as error:  # a field of the wrong type or value, named by the error
+        reason = " ".join(str(error).split())
+        raise CommandError(f"transformers cannot read {path}: {reason}") from error
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What building a transformers config raises for a bad field: ValueError and TypeError,
+    and the validation errors of huggingface_hub's strict dataclasses (transformers 5)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub, whose configs raise the builtin errors
+        return (ValueError, TypeError)
+    return (ValueError, TypeError, StrictDataclassError)
 
 
 def build_model(config, device: str):

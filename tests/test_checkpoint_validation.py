@@ -167,6 +167,8 @@ def test_an_argument_of_the_wrong_type_is_refused_naming_it(
     with pytest.raises((TypeError, ValueError)) as error:
         AutoDeltaModel.from_finetuned(path, copy.deepcopy(pristine))
     assert message in str(error.value)
+    assert str(path / CONFIG_NAME) in str(error.value)
+    assert "restore it" in str(error.value)
 
 
 def test_targets_that_differ_from_what_the_config_builds_are_refused(copy_of, pristine):

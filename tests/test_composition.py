@@ -118,6 +118,41 @@ def test_a_checkpoint_holding_another_models_deltas_is_refused(tmp_path):
     assert not any(".lora." in name for name, _ in backbone.named_parameters())
 
 
+@pytest.mark.parametrize("other", ["adapter", "bitfit"])
+def test_a_peft_save_refuses_a_head_holding_another_models_delta(other, tmp_path):
+    # PEFT's layout saves the head modules whole: with an adapter (or BitFit's bias) of another
+    # delta model inside the classifier, the LoRA checkpoint would carry that model's tensors.
+    model = tiny_model("bert", "classification")
+    lora = trained("lora", model, 0)
+    trained(other, model, 1, modified_modules=["classifier"])
+    lora.freeze_module()
+    with pytest.raises(ValueError, match=r"'classifier' holds classifier\.\S+, a delta of another"):
+        lora.save_finetuned(tmp_path / "peft", format="peft")
+    lora.save_finetuned(tmp_path / "fastdelta")  # its own deltas and the head only
+
+
+def test_counts_and_log_cover_the_delta_models_own_deltas(capsys):
+    model = tiny_model("bert", "classification")
+    models = four_models(model)
+    own = {
+        delta_type: sum(
+            p.numel() for p in {id(p): p for p in owned_parameters(m).values()}.values()
+        )
+        for delta_type, m in models.items()
+    }
+    for delta_type, delta_model in models.items():
+        assert delta_model.num_delta_parameters() == own[delta_type] > 0
+        assert delta_model.num_backbone_delta_parameters() == sum(own.values())
+    layer = model.get_submodule(f"bert.{FIRST_LAYER['bert']}")
+    assert 0 < models["lora"].num_delta_parameters(layer) < own["lora"]
+    models["lora"].log(visualization=False)
+    printed = capsys.readouterr().out
+    assert f"{own['lora']:,}" in printed and "all deltas on the backbone" in printed
+    models["adapter"].detach()
+    assert models["adapter"].num_delta_parameters() == 0
+    assert models["lora"].num_delta_parameters() == own["lora"]
+
+
 @by_delta_type
 def test_saving_with_some_deltas_detached_is_refused_by_name(delta_type, tmp_path):
     model = tiny_model("bert")

@@ -140,3 +140,15 @@ def test_inspect_reports_a_config_transformers_cannot_build_in_one_line(tmp_path
     assert error.startswith("fastdelta inspect: error: transformers cannot build a bert model")
     assert "35" in error
     assert "\n" not in error
+
+
+@pytest.mark.parametrize(("field", "value"), [("hidden_size", "36"), ("num_hidden_layers", None)])
+def test_inspect_names_a_field_of_the_wrong_type_in_one_line(field, value, tmp_path, capsys):
+    config = tiny_config("bert").to_dict()
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("fastdelta inspect: error: ")
+    assert field in error
+    assert "\n" not in error

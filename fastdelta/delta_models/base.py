@@ -396,6 +396,9 @@ class DeltaBase:
 
     # Counting and logging
 
+    # The trainable parameters are the backbone's (inside `module`): what an optimizer built from
+    # the model gets, other delta models' deltas and the head included, as in PEFT.
+
     def trainable_parameters_names(self, module: nn.Module | None = None) -> list[str]:
         module = self.backbone_model if module is None else module
         return [name for name, parameter in module.named_parameters() if parameter.requires_grad]
@@ -425,6 +428,21 @@ class DeltaBase:
         return sum(parameter.numel() for parameter in module.parameters())
 
     def num_delta_parameters(self, module: nn.Module | None = None) -> int:
+        """The parameters of this delta model's attached deltas (inside `module`, default all),
+        with the host biases it trains in place (BitFit): another delta model's on the same
+        backbone are not counted (`num_backbone_delta_parameters` counts every delta)."""
+        prefix = "" if module is None else self._name_of(module)
+        deltas = {}
+        for attachment in self.attachments:
+            inside = not prefix or f"{attachment.host_name}.".startswith(f"{prefix}.")
+            if attachment.attached and inside:
+                for parameter in checkpoint.attachment_parameters(self, attachment).values():
+                    deltas[id(parameter)] = parameter  # shared ones (Compacter's rules) once
+        return sum(parameter.numel() for parameter in deltas.values())
+
+    def num_backbone_delta_parameters(self, module: nn.Module | None = None) -> int:
+        """The parameters of every delta attached to the backbone (inside `module`), whichever
+        delta model attached it."""
         module = self.backbone_model if module is None else module
         names = delta_parameter_names(module)
         # A tied parameter may be a delta under only one of its names: count by identity.
@@ -460,6 +478,12 @@ class DeltaBase:
         if delta_ratio:
             delta = self.num_delta_parameters(module)
             table.add_row("delta parameters", f"{delta:,} ({100 * delta / total:.4f}%)")
+            every = self.num_backbone_delta_parameters(module)
+            if every != delta:
+                table.add_row(
+                    "all deltas on the backbone",
+                    f"{every:,} ({100 * every / total:.4f}%), other delta models' included",
+                )
         table.add_row("total parameters", f"{total:,}")
         for label, text in self._head_rows(module):
             table.add_row(label, text)

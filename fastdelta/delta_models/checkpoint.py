@@ -22,6 +22,7 @@ from torch import nn
 
 from fastdelta.checkpoint_io import (
     CONFIG_NAME,
+    PEFT_CONFIG_NAME,
     check_tensor_values,
     checkpoint_format,
     directory_path,
@@ -78,16 +79,23 @@ class Checkpoint:
 def owned_parameters(delta_model) -> dict[str, nn.Parameter]:
     """Every parameter of `delta_model`'s deltas by its name in the backbone, with the host
     parameters its deltas train in place (BitFit's biases)."""
-    backbone = delta_model.backbone_model
     owned = {}
     for attachment in delta_model.attachments:
-        prefix = f"{attachment.host_name}." if attachment.host_name else ""
-        for name, parameter in attachment.delta.named_parameters():
-            owned[f"{prefix}{attachment.delta_name}.{name}"] = parameter
-        host = backbone.get_submodule(attachment.host_name)
-        for name in getattr(attachment.delta, "host_parameter_names", ()):
-            owned[prefix + name] = host.get_parameter(name)
+        owned.update(attachment_parameters(delta_model, attachment))
     return owned
+
+
+def attachment_parameters(delta_model, attachment) -> dict[str, nn.Parameter]:
+    """The parameters of one of `delta_model`'s attachments by their names in the backbone."""
+    prefix = f"{attachment.host_name}." if attachment.host_name else ""
+    found = {
+        f"{prefix}{attachment.delta_name}.{name}": parameter
+        for name, parameter in attachment.delta.named_parameters()
+    }
+    host = delta_model.backbone_model.get_submodule(attachment.host_name)
+    for name in getattr(attachment.delta, "host_parameter_names", ()):
+        found[prefix + name] = host.get_parameter(name)
+    return found
 
 
 def head_parameters(backbone: nn.Module) -> dict[str, nn.Parameter]:
@@ -189,8 +197,16 @@ def _save_peft(delta_model, path, owned: dict, head: dict) -> Path:
             "delta_model.freeze_module() before save_finetuned(format='peft')"
         )
     tensors = dict(owned)
+    others = delta_parameter_names(backbone) - owned.keys()
     for name in heads:
         for parameter_name, parameter in backbone.get_submodule(name).named_parameters():
+            if f"{name}.{parameter_name}" in others:
+                raise ValueError(
+                    f"PEFT's layout saves whole modules besides the LoRA deltas, but {name!r} "
+                    f"holds {name}.{parameter_name}, a delta of another delta model on this "
+                    "backbone: detach that delta model first, or save with format='fastdelta' "
+                    "(which saves only this delta model's deltas and the head)"
+                )
             tensors[f"{name}.{parameter_name}"] = parameter
     model_type = getattr(getattr(backbone, "config", None), "model_type", None)
     config = peft_config(
@@ -265,7 +281,7 @@ def build_from_checkpoint(
 ):
     """A `delta_class` model on `backbone` with the checkpoint's deltas, or, if anything does
     not fit, an error with the backbone left as it was."""
-    config = delta_class.config_class.from_dict(checkpoint.arguments)
+    config = saved_config(delta_class.config_class, checkpoint)
     check_tensor_values(checkpoint.tensors, checkpoint.source, allow_non_finite)
     delta_model = delta_class.from_config(config, backbone)
     try:
@@ -280,13 +296,26 @@ def build_from_checkpoint(
     return delta_model
 
 
+def saved_config(config_class, checkpoint: Checkpoint):
+    """The `config_class` config of the checkpoint's arguments; a value it refuses is reported
+    with the file that holds it."""
+    name = PEFT_CONFIG_NAME if checkpoint_format(checkpoint.source) == "peft" else CONFIG_NAME
+    try:
+        return config_class.from_dict(checkpoint.arguments)
+    except (TypeError, ValueError) as error:
+        raise type(error)(
+            f"{checkpoint.source / name}: {error} (the file was edited, or written by other "
+            "software: restore it, or write the value the deltas were trained with)"
+        ) from error
+
+
 def load_into(delta_model, path: str | Path, allow_non_finite: bool = False) -> None:
     """Load the fastdelta checkpoint at `path` into `delta_model`, which must have been built
     with the same arguments on the same kind of backbone (resuming a training run)."""
     if not all(attachment.attached for attachment in delta_model.attachments):
         raise RuntimeError("Some deltas are detached: call attach() before loading into them")
     checkpoint = read_checkpoint(path, delta_model.backbone_model)
-    saved = config_class_for(checkpoint.delta_type).from_dict(checkpoint.arguments).to_dict()
+    saved = saved_config(config_class_for(checkpoint.delta_type), checkpoint).to_dict()
     current = delta_model.config.to_dict()
     differences = sorted(
         key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key)
