@@ -152,3 +152,60 @@ def test_inspect_names_a_field_of_the_wrong_type_in_one_line(field, value, tmp_p
     assert error.startswith("fastdelta inspect: error: ")
     assert field in error
     assert "\n" not in error
+
+
+# OpenDelta's training example builds its config from its whole argument dataclass
+# (AutoDeltaConfig.from_dict(asdict(delta_args))): these are the keys of one of its job configs.
+OPENDELTA_JOB_KEYS = {
+    "backbone_model": "t5-large",
+    "dataset_config_name": ["en"],
+    "do_eval": True,
+    "eval_steps": 100,
+    "evaluation_strategy": "steps",
+    "learning_rate": 0.0003,
+    "model_name_or_path": "t5-large",
+    "num_train_epochs": 20,
+    "output_dir": "outputs/bitfit/t5-large/rte",
+    "per_device_train_batch_size": 16,
+    "push_to_dc": True,
+    "push_to_hub": False,
+    "save_steps": 100,
+    "seed": 42,
+    "task_name": "rte",
+    "tokenizer_name": "t5-large",
+    "warmup_steps": 0,
+}
+
+
+@pytest.mark.parametrize("delta_type", ["lora", "adapter", "parallel_adapter", "bitfit"])
+def test_keys_that_are_no_argument_are_left_out_with_a_warning(delta_type):
+    values = {"delta_type": delta_type, "unfrozen_modules": ["deltas"], **OPENDELTA_JOB_KEYS}
+    with pytest.warns(UserWarning, match=r"ignores 'backbone_model', 'dataset_config_name'"):
+        config = AutoDeltaConfig.from_dict(values)
+    assert config.unfrozen_modules == ["deltas"]
+    assert not hasattr(config, "learning_rate")
+
+
+@pytest.mark.parametrize(("key", "meant"), [("lora_rr", "lora_r"), ("lora_alpah", "lora_alpha")])
+def test_a_near_miss_of_an_argument_is_an_error_naming_it(key, meant):
+    with pytest.raises(ValueError, match=rf"'{key}' is no lora argument: did you mean '{meant}'"):
+        AutoDeltaConfig.from_dict({"delta_type": "lora", key: 4})
+
+
+def test_from_dict_keyword_arguments_override_and_unused_ones_come_back():
+    config = AutoDeltaConfig.from_dict({"delta_type": "lora", "lora_r": 4}, lora_r=16)
+    assert config.lora_r == 16
+    config, unused = LoraConfig.from_dict(
+        {"lora_r": 4}, lora_alpha=8, cache_dir="x", return_unused_kwargs=True
+    )
+    assert (config.lora_r, config.lora_alpha, unused) == (4, 8, {"cache_dir": "x"})
+
+
+def test_each_config_class_reads_a_checkpoint_with_overrides(tmp_path):
+    delta_model = LoraModel(tiny_model("bert"), lora_r=4)
+    path = delta_model.save_finetuned(tmp_path / "lora")
+    config = LoraConfig.from_finetuned(path, lora_dropout=0.1, cache_dir="unused")
+    assert (type(config), config.lora_r, config.lora_dropout) == (LoraConfig, 4, 0.1)
+    assert AutoDeltaConfig.from_finetuned(path, local_files_only=True).lora_r == 4
+    with pytest.raises(ValueError, match=r"holds delta_type 'lora', which AdapterConfig cannot"):
+        AdapterConfig.from_finetuned(path)

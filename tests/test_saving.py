@@ -477,10 +477,10 @@ LOADING_ERRORS = {
         ValueError,
         rf"checkpoint format {FORMAT_VERSION + 1} by fastdelta 99\.0.*upgrade fastdelta",
     ),
-    "unknown argument": (
+    "misspelt argument": (
         set_config(lora_rank=4),
         ValueError,
-        r"Unknown lora argument\(s\) lora_rank",
+        r"'lora_rank' is no lora argument: did you mean 'lora_r'\?",
     ),
     "targets not in the backbone": (
         set_config(modified_modules=["no_such_module"]),

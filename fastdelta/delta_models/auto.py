@@ -10,7 +10,7 @@ from torch import nn
 from fastdelta.delta_models.adapter import AdapterModel, ParallelAdapterModel
 from fastdelta.delta_models.base import DeltaBase
 from fastdelta.delta_models.bitfit import BitFitModel
-from fastdelta.delta_models.checkpoint import build_from_checkpoint, read_arguments, read_checkpoint
+from fastdelta.delta_models.checkpoint import build_from_checkpoint, read_checkpoint
 from fastdelta.delta_models.config import BaseDeltaConfig, config_class_for, require_dict
 from fastdelta.delta_models.lora import LoraModel
 
@@ -32,20 +32,25 @@ class AutoDeltaConfig:
         raise TypeError("Use AutoDeltaConfig.from_dict({'delta_type': ..., ...})")
 
     @staticmethod
-    def from_dict(config_dict: dict[str, Any]) -> BaseDeltaConfig:
+    def from_dict(config_dict: dict[str, Any], **kwargs) -> BaseDeltaConfig:
+        """The config of `config_dict`'s delta type (see `BaseDeltaConfig.from_dict`: `kwargs`
+        override, keys that are no argument are left out with a warning)."""
         require_dict(config_dict, "AutoDeltaConfig.from_dict")
-        if "delta_type" not in config_dict:
+        delta_type = config_dict.get("delta_type", kwargs.get("delta_type"))
+        if delta_type is None:
             raise ValueError(
                 "The config dict has no 'delta_type' key; add one of "
                 + ", ".join(sorted(DELTA_MODELS))
             )
-        return config_class_for(config_dict["delta_type"]).from_dict(config_dict)
+        kwargs.pop("delta_type", None)
+        values = {**config_dict, "delta_type": delta_type}
+        return config_class_for(delta_type).from_dict(values, **kwargs)
 
     @staticmethod
-    def from_finetuned(finetuned_delta_path: str | Path) -> BaseDeltaConfig:
+    def from_finetuned(finetuned_delta_path: str | Path, **kwargs) -> BaseDeltaConfig:
         """The config of the delta checkpoint directory `finetuned_delta_path` (a fastdelta
-        checkpoint or a PEFT LoRA adapter, told apart by their files)."""
-        return AutoDeltaConfig.from_dict(read_arguments(finetuned_delta_path))
+        checkpoint or a PEFT LoRA adapter, told apart by their files), `kwargs` overriding."""
+        return BaseDeltaConfig.from_finetuned(finetuned_delta_path, **kwargs)
 
 
 class AutoDeltaModel:

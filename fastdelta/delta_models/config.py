@@ -8,6 +8,7 @@ same. Each delta model's constructor has the same defaults as its config (a test
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import warnings
@@ -21,6 +22,18 @@ from fastdelta.ops.activations import canonical_activation
 from fastdelta.peft_format import as_entries
 
 SUPPORTED_MODEL_BACKENDS = ("hf",)
+# OpenDelta's options for fetching a checkpoint from a hub, which fastdelta (local directories
+# only) accepts and has nothing to do with.
+DOWNLOAD_OPTIONS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "resume_download",
+    "proxies",
+    "use_auth_token",
+    "revision",
+    "check_hash",
+)
 # OpenDelta delta types that fastdelta does not implement.
 NOT_IMPLEMENTED = ("low_rank_adapter", "compacter", "prefix", "soft_prompt")
 # The largest rank or bottleneck width accepted: wider than any layer of any model, so a larger
@@ -72,8 +85,15 @@ class BaseDeltaConfig:
         return {"delta_type": self.delta_type, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> BaseDeltaConfig:
+    def from_dict(cls, values: dict[str, Any], **kwargs):
+        """The config of the arguments in `values`, overridden by those in `kwargs`, as
+        OpenDelta's `from_dict` builds it. Keys that are no argument of this delta type are
+        left out with a warning naming them (OpenDelta's training scripts pass their whole
+        argument dataclass), unless one is a near miss of an argument (`lora_rr`): that is an
+        error naming the argument. With `return_unused_kwargs=True`, returns (config, the
+        kwargs that are no argument) instead, without warning about those."""
         require_dict(values, f"{cls.__name__}.from_dict")
+        return_unused = kwargs.pop("return_unused_kwargs", False)
         values = dict(values)
         delta_type = values.pop("delta_type", cls.delta_type)
         if delta_type != cls.delta_type:
@@ -82,13 +102,47 @@ class BaseDeltaConfig:
                 f"got {delta_type!r}; use AutoDeltaConfig.from_dict"
             )
         known = {field.name for field in dataclasses.fields(cls)} | set(cls.peft_names)
-        unknown = sorted(set(values) - known)
+        unused = {key: value for key, value in kwargs.items() if key not in known}
+        values.update((key, value) for key, value in kwargs.items() if key in known)
+        ignored = {key: value for key, value in values.items() if key not in known}
+        cls._check_unknown(ignored if return_unused else {**ignored, **unused}, known)
+        config = cls(**{key: value for key, value in values.items() if key in known})
+        return (config, unused) if return_unused else config
+
+    @classmethod
+    def _check_unknown(cls, unknown: dict[str, Any], known: set[str]) -> None:
+        """Refuse a near miss of an argument's name; warn about the other unknown keys."""
+        for key in sorted(unknown):
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.8)
+            if close:
+                raise ValueError(
+                    f"{key!r} is no {cls.delta_type} argument: did you mean {close[0]!r}? "
+                    f"{cls.__name__} takes {', '.join(sorted(known))}"
+                )
         if unknown:
-            raise ValueError(
-                f"Unknown {cls.delta_type} argument(s) {', '.join(unknown)}; "
-                f"{cls.__name__} takes {', '.join(sorted(known))}"
+            warnings.warn(
+                f"{cls.__name__} ignores {', '.join(map(repr, sorted(unknown)))}, which are no "
+                f"{cls.delta_type} arguments (it takes {', '.join(sorted(known))})",
+                stacklevel=3,
             )
-        return cls(**values)
+
+    @classmethod
+    def from_finetuned(cls, finetuned_delta_path, **kwargs):
+        """The config saved in the delta checkpoint directory `finetuned_delta_path` (either
+        format), with `kwargs` overriding its arguments. OpenDelta's download options
+        (`cache_dir`, `force_download`, `local_files_only`, ...) have nothing to do: fastdelta
+        reads local directories only."""
+        from fastdelta.delta_models.checkpoint import read_arguments
+
+        for option in DOWNLOAD_OPTIONS:
+            kwargs.pop(option, None)
+        arguments = read_arguments(finetuned_delta_path)
+        if arguments["delta_type"] != cls.delta_type and cls is not BaseDeltaConfig:
+            raise ValueError(
+                f"{str(finetuned_delta_path)!r} holds delta_type {arguments['delta_type']!r}, "
+                f"which {cls.__name__} cannot read: use AutoDeltaConfig.from_finetuned"
+            )
+        return config_class_for(arguments["delta_type"]).from_dict(arguments, **kwargs)
 
     def delta_arguments(self) -> dict[str, Any]:
         """The arguments of this config as the delta model's constructor takes them."""
