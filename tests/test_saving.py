@@ -5,6 +5,7 @@ the saving errors, merge_and_unload, and training a loaded model further."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import re
@@ -675,11 +676,66 @@ def test_saving_with_every_delta_detached_raises(tmp_path):
 
 def test_saving_with_unknown_arguments_raises(tmp_path):
     _, _, delta_model = trained("adapter")
-    with pytest.raises(
-        TypeError, match=r"unsupported argument\(s\) push_to_hub, save_config: fastdelta writes"
-    ):
-        delta_model.save_finetuned(tmp_path / "checkpoint", push_to_hub=True, save_config=False)
+    with pytest.raises(TypeError, match=r"unsupported argument\(s\) push_to_hub, save_to: it"):
+        delta_model.save_finetuned(tmp_path / "checkpoint", push_to_hub=True, save_to="x")
     assert not (tmp_path / "checkpoint").exists()
+
+
+OPENDELTA_SAVE_REFUSALS = {
+    "push_to_dc": (True, "push_to_dc=True uploads to OpenDelta's DeltaCenter"),
+    "save_config": (False, "save_config=False would write a checkpoint that cannot be loaded"),
+    "state_dict": ({}, "leave state_dict out"),
+    "save_function": (print, "a save_function other than torch.save"),
+}
+
+
+@pytest.mark.parametrize("argument", OPENDELTA_SAVE_REFUSALS)
+def test_opendelta_save_arguments_other_than_their_defaults_are_refused(argument, tmp_path):
+    _, _, delta_model = trained("lora")
+    value, message = OPENDELTA_SAVE_REFUSALS[argument]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        delta_model.save_finetuned(tmp_path / "checkpoint", **{argument: value})
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_opendelta_save_and_load_arguments_at_their_defaults_work(tmp_path, pristine_backbone):
+    # As OpenDelta's scripts write them: every argument spelt out with the value that works.
+    _, model, delta_model = trained("lora")
+    expected = forward(model)
+    path = delta_model.save_finetuned(
+        tmp_path / "checkpoint",
+        save_config=True,
+        state_dict=None,
+        save_function=torch.save,
+        push_to_dc=False,
+        center_args={},
+        center_args_pool={},
+        list_tags=[],
+        dict_tags={},
+        delay_push=False,
+        test_result=None,
+        usage="",
+    )
+    loaded = AutoDeltaModel.from_finetuned(
+        path,
+        copy.deepcopy(pristine_backbone),
+        delta_config=delta_model.config,
+        cache_dir=None,
+        force_download=False,
+        local_files_only=True,
+        check_hash=True,
+    )
+    assert torch.equal(forward(loaded.backbone_model), expected)
+
+
+def test_a_delta_config_other_than_the_saved_one_is_refused(tmp_path, pristine_backbone):
+    _, _, delta_model = trained("lora")
+    path = delta_model.save_finetuned(tmp_path / "checkpoint")
+    other = dataclasses.replace(delta_model.config, lora_alpha=delta_model.config.lora_alpha + 1)
+    backbone = copy.deepcopy(pristine_backbone)
+    with pytest.raises(ValueError, match=r"delta_config differs from the config saved in .*"):
+        LoraModel.from_finetuned(path, backbone, delta_config=other)
+    assert delta_parameter_names(backbone) == set()
 
 
 def test_frozen_delta_tensors_are_saved_and_stay_frozen(tmp_path):

@@ -10,7 +10,11 @@ from torch import nn
 from fastdelta.delta_models.adapter import AdapterModel, ParallelAdapterModel
 from fastdelta.delta_models.base import DeltaBase
 from fastdelta.delta_models.bitfit import BitFitModel
-from fastdelta.delta_models.checkpoint import build_from_checkpoint, read_checkpoint
+from fastdelta.delta_models.checkpoint import (
+    build_from_checkpoint,
+    check_load_options,
+    read_checkpoint,
+)
 from fastdelta.delta_models.config import BaseDeltaConfig, config_class_for, require_dict
 from fastdelta.delta_models.lora import LoraModel
 
@@ -75,16 +79,23 @@ class AutoDeltaModel:
     def from_finetuned(
         finetuned_delta_path: str | Path,
         backbone_model: nn.Module,
+        delta_config=None,
         *,
         allow_non_finite: bool = False,
+        **options,
     ) -> DeltaBase:
         """Rebuild the deltas saved at `finetuned_delta_path` on `backbone_model` (a fresh copy
         of the backbone they were trained on, or one carrying other delta models) and load their
         tensors, which become the trainable parameters. Every config field, key, shape and dtype
         is checked; a mismatch is an error and leaves the backbone as it was. A PEFT LoRA
         directory (adapter_config.json) loads too. Tensors holding NaN or Inf are refused unless
-        `allow_non_finite`."""
+        `allow_non_finite`.
+
+        OpenDelta's arguments are taken: `delta_config` (must be the saved config),
+        `cache_dir`, `force_download`, `local_files_only`, `check_hash` (nothing to download:
+        the path is a local directory, and the backbone is always checked)."""
         checkpoint = read_checkpoint(finetuned_delta_path, backbone_model)
+        check_load_options(checkpoint, {"delta_config": delta_config, **options})
         return build_from_checkpoint(
             delta_model_class(checkpoint.delta_type),
             checkpoint,

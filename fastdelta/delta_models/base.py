@@ -96,30 +96,36 @@ class DeltaBase:
 
     @classmethod
     def from_finetuned(
-        cls, finetuned_delta_path, backbone_model: nn.Module, *, allow_non_finite: bool = False
+        cls,
+        finetuned_delta_path,
+        backbone_model: nn.Module,
+        delta_config=None,
+        *,
+        allow_non_finite: bool = False,
+        **options,
     ):
         """Rebuild the deltas saved by `save_finetuned` at `finetuned_delta_path` on
-        `backbone_model` and load their tensors (see `AutoDeltaModel.from_finetuned`)."""
+        `backbone_model` and load their tensors (see `AutoDeltaModel.from_finetuned`, which
+        takes OpenDelta's other arguments too)."""
         saved = checkpoint.read_checkpoint(finetuned_delta_path, backbone_model)
         if saved.delta_type != cls.config_class.delta_type:
             raise ValueError(
                 f"{str(finetuned_delta_path)!r} holds delta_type {saved.delta_type!r}, which "
                 f"{cls.__name__} cannot load: use AutoDeltaModel.from_finetuned"
             )
+        checkpoint.check_load_options(saved, {"delta_config": delta_config, **options})
         return checkpoint.build_from_checkpoint(cls, saved, backbone_model, allow_non_finite)
 
     def save_finetuned(
-        self, finetuned_delta_path="./delta_checkpoints/", format: str = "fastdelta", **kwargs
+        self, finetuned_delta_path="./delta_checkpoints/", format: str = "fastdelta", **options
     ):
         """Save the config and this delta model's tensors (its deltas, and any trainable task
         head) to the directory `finetuned_delta_path`; returns its path. Other delta models on
         the backbone are not saved. format="peft" writes LoRA deltas in PEFT's layout
-        (adapter_config.json, adapter_model.safetensors) instead."""
-        if kwargs:
-            raise TypeError(
-                f"save_finetuned got unsupported argument(s) {', '.join(sorted(kwargs))}: "
-                "fastdelta writes config.json and delta.safetensors and does not upload"
-            )
+        (adapter_config.json, adapter_model.safetensors) instead. OpenDelta's arguments are
+        taken with the values fastdelta has (save_config=True, push_to_dc=False, the
+        DeltaCenter's as no-ops); other values are refused by name."""
+        checkpoint.check_save_options(options)
         return checkpoint.save_finetuned(self, finetuned_delta_path, format)
 
     @property

@@ -309,6 +309,83 @@ def saved_config(config_class, checkpoint: Checkpoint):
         ) from error
 
 
+# OpenDelta's save_finetuned arguments for pushing to its DeltaCenter, which fastdelta (no
+# DeltaCenter) accepts with push_to_dc=False, their only working value there too.
+DELTA_CENTER_OPTIONS = (
+    "center_args",
+    "center_args_pool",
+    "list_tags",
+    "dict_tags",
+    "delay_push",
+    "test_result",
+    "usage",
+)
+
+
+def check_save_options(options: dict[str, Any]) -> None:
+    """OpenDelta's save_finetuned arguments: what fastdelta does is the default of each;
+    anything else is refused by name."""
+    options = dict(options)
+    if options.pop("push_to_dc", False):
+        raise ValueError(
+            "push_to_dc=True uploads to OpenDelta's DeltaCenter, which fastdelta has no client "
+            "for: save locally and share the directory (or push it to the Hugging Face Hub)"
+        )
+    if not options.pop("save_config", True):
+        raise ValueError(
+            "save_config=False would write a checkpoint that cannot be loaded: its config.json "
+            "holds the arguments and targets that loading checks. Leave save_config out"
+        )
+    if options.pop("state_dict", None) is not None:
+        raise ValueError(
+            "save_finetuned saves this delta model's own tensors; a state_dict of your own "
+            "cannot be checked against them: leave state_dict out"
+        )
+    if options.pop("save_function", torch.save) is not torch.save:
+        raise ValueError(
+            "fastdelta writes delta.safetensors itself, so a save_function other than "
+            "torch.save (OpenDelta's default) would not be used: leave save_function out"
+        )
+    unknown = sorted(set(options) - set(DELTA_CENTER_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"save_finetuned got unsupported argument(s) {', '.join(unknown)}: it takes "
+            "finetuned_delta_path and format, and OpenDelta's arguments with their defaults"
+        )
+
+
+def check_load_options(checkpoint: Checkpoint, options: dict[str, Any]) -> None:
+    """OpenDelta's from_finetuned arguments: a `delta_config` must be the saved one (the tensors
+    were trained with it), `state_dict` must be left out, and the download options have nothing
+    to do (fastdelta reads local directories; the backbone is always checked, so `check_hash`
+    has nothing to add)."""
+    options = dict(options)
+    delta_config = options.pop("delta_config", None)
+    if options.pop("state_dict", None) is not None:
+        raise ValueError(
+            "from_finetuned loads the tensors saved in the checkpoint directory; a state_dict "
+            "of your own cannot be checked against its config: leave state_dict out"
+        )
+    from fastdelta.delta_models.config import DOWNLOAD_OPTIONS
+
+    unknown = sorted(set(options) - set(DOWNLOAD_OPTIONS))
+    if unknown:
+        raise TypeError(f"from_finetuned got unsupported argument(s) {', '.join(unknown)}")
+    if delta_config is None:
+        return
+    config_class = config_class_for(checkpoint.delta_type)
+    given = delta_config if isinstance(delta_config, dict) else delta_config.to_dict()
+    given = config_class.from_dict(given).to_dict()
+    saved = saved_config(config_class, checkpoint).to_dict()
+    differences = sorted(key for key in saved if saved[key] != given.get(key))
+    if differences:
+        raise ValueError(
+            f"delta_config differs from the config saved in {checkpoint.source} in "
+            + ", ".join(f"{key} ({given.get(key)!r}, saved {saved[key]!r})" for key in differences)
+            + ": the saved tensors were trained with the saved config; leave delta_config out"
+        )
+
+
 def load_into(delta_model, path: str | Path, allow_non_finite: bool = False) -> None:
     """Load the fastdelta checkpoint at `path` into `delta_model`, which must have been built
     with the same arguments on the same kind of backbone (resuming a training run)."""
