@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 from torch import nn
@@ -120,13 +121,12 @@ class ModuleAddresses:
     ) -> list[str]:
         """Names of the modules that match one of `entries` and none of `exclude`, in model order.
 
-        Raises `ValueError` naming each entry (of either list) that matches no module at all;
-        with `every_entry_must_match=False` (a delta model's default targets, some of which a
-        model may lack, such as an LM head) only when the selection comes out empty.
+        Raises `ValueError` when the selection comes out empty, naming the entries that match
+        nothing. Otherwise an entry (of either list) that matches no module is ignored with a
+        warning naming the closest names, as OpenDelta ignores it (its own configs name modules
+        that some models lack); with `every_entry_must_match=False` (a delta model's default
+        targets, such as an LM head a model may lack) missing entries of `entries` are silent.
         """
-        if every_entry_must_match:
-            self.require_matches(entries, "modified_modules")
-        self.require_matches(exclude, "exclude_modules")
         selected = [
             name
             for name in self.modules
@@ -138,6 +138,9 @@ class ModuleAddresses:
                 f"module of {type(self.model).__name__}"
                 + "".join(f"; {entry!r}{self.suggest(entry)}" for entry in self.unmatched(entries))
             )
+        if every_entry_must_match:
+            self.warn_unmatched(entries, "modified_modules")
+        self.warn_unmatched(exclude, "exclude_modules")
         return selected
 
     def unmatched(self, entries: Iterable[str]) -> list[str]:
@@ -147,12 +150,15 @@ class ModuleAddresses:
             if not any(self.matches(name, entry) for name in self.modules)
         ]
 
-    def require_matches(self, entries: Iterable[str], argument: str) -> None:
+    def warn_unmatched(self, entries: Iterable[str], argument: str) -> None:
+        """Warn about each entry that matches no module, with the closest names."""
         missing = self.unmatched(entries)
         if missing:
-            raise ValueError(
+            warnings.warn(
                 f"{argument}: no module of {type(self.model).__name__} matches "
                 + "; ".join(f"{entry!r}{self.suggest(entry)}" for entry in missing)
+                + (" (ignored)" if len(missing) == 1 else " (each ignored)"),
+                stacklevel=4,
             )
 
     def suggest(self, entry: str) -> str:

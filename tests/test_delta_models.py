@@ -412,7 +412,7 @@ def test_plain_and_regex_entries_select_as_documented(architecture, delta_type, 
     ],
 )
 def test_entries_do_not_match_parts_of_segments(entry):
-    with pytest.raises(ValueError, match="no module of BertModel matches"):
+    with pytest.raises(ValueError, match="select no module of BertModel"):
         LoraModel(tiny_model("bert"), modified_modules=[entry])
 
 
@@ -543,7 +543,7 @@ def test_unmatched_modified_modules_suggest_the_closest_names(architecture, entr
 
 
 def test_unmatched_exclude_modules_suggest_the_closest_names():
-    with pytest.raises(ValueError, match=r"exclude_modules.*'vlaue' \(closest names: .*\bvalue\b"):
+    with pytest.warns(UserWarning, match=r"exclude_modules.*'vlaue' \(closest names: .*\bvalue\b"):
         LoraModel(
             tiny_model("bert"), modified_modules=["query", "value"], exclude_modules=["vlaue"]
         )

@@ -486,7 +486,7 @@ LOADING_ERRORS = {
     "targets not in the backbone": (
         set_config(modified_modules=["no_such_module"]),
         ValueError,
-        r"no module of BertForSequenceClassification matches 'no_such_module'",
+        r"select no module of BertForSequenceClassification; 'no_such_module'",
     ),
     "no delta_type": (
         lambda path: write_json(path, {"lora_r": 8}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -354,10 +355,12 @@ class DeltaBase:
             for entry in addresses.unmatched(named_entries)
             if not any(name_matches(name, entry) for name, _ in parameters)
         ]
-        if missing:
-            raise ValueError(
+        if missing:  # ignored, as OpenDelta ignores it, but said
+            warnings.warn(
                 "freeze_module exclude: nothing matches "
                 + "; ".join(f"{entry!r}{addresses.suggest(entry)}" for entry in missing)
+                + " (ignored)",
+                stacklevel=2,
             )
 
         kept_modules = set(heads) | {
