@@ -398,8 +398,8 @@ def test_auto_config_from_finetuned_errors(tmp_path, lora_checkpoint):
     with pytest.raises(FileNotFoundError, match=r"No delta checkpoint directory"):
         AutoDeltaConfig.from_finetuned(tmp_path / "nowhere")
     config = read_json(lora_checkpoint)
-    write_json(lora_checkpoint, {**config, "delta_type": "compacter"})
-    with pytest.raises(NotImplementedError, match=r"'compacter' exists in OpenDelta"):
+    write_json(lora_checkpoint, {**config, "delta_type": "prefix"})
+    with pytest.raises(NotImplementedError, match=r"'prefix' exists in OpenDelta"):
         AutoDeltaConfig.from_finetuned(lora_checkpoint)
     write_json(lora_checkpoint, {**config, "format_version": FORMAT_VERSION + 1})
     with pytest.raises(ValueError, match=r"upgrade fastdelta"):
@@ -466,12 +466,12 @@ LOADING_ERRORS = {
     "unknown delta_type": (
         set_config(delta_type="telepathy"),
         ValueError,
-        r"Unknown delta_type 'telepathy'; the supported types are adapter, bitfit, lora",
+        r"Unknown delta_type 'telepathy'; the supported types are adapter, bitfit, compacter",
     ),
     "OpenDelta-only delta_type": (
-        set_config(delta_type="compacter"),
+        set_config(delta_type="prefix"),
         NotImplementedError,
-        r"delta_type 'compacter' exists in OpenDelta but is not implemented in fastdelta",
+        r"delta_type 'prefix' exists in OpenDelta but is not implemented in fastdelta",
     ),
     "newer format": (
         set_config(format_version=FORMAT_VERSION + 1, fastdelta_version="99.0"),

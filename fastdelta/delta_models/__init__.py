@@ -4,6 +4,7 @@ from fastdelta.delta_models.adapter import AdapterModel, ParallelAdapterModel
 from fastdelta.delta_models.auto import AutoDeltaConfig, AutoDeltaModel
 from fastdelta.delta_models.base import DeltaBase
 from fastdelta.delta_models.bitfit import BitFitModel
+from fastdelta.delta_models.compacter import CompacterConfig, CompacterModel
 from fastdelta.delta_models.config import (
     AdapterConfig,
     BaseDeltaConfig,
@@ -12,6 +13,7 @@ from fastdelta.delta_models.config import (
     ParallelAdapterConfig,
 )
 from fastdelta.delta_models.lora import LoraModel
+from fastdelta.delta_models.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
 
 __all__ = [
     "AdapterConfig",
@@ -21,9 +23,13 @@ __all__ = [
     "BaseDeltaConfig",
     "BitFitConfig",
     "BitFitModel",
+    "CompacterConfig",
+    "CompacterModel",
     "DeltaBase",
     "LoraConfig",
     "LoraModel",
+    "LowRankAdapterConfig",
+    "LowRankAdapterModel",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
 ]

@@ -15,12 +15,21 @@ from fastdelta.delta_models.checkpoint import (
     check_load_options,
     read_checkpoint,
 )
+from fastdelta.delta_models.compacter import CompacterModel
 from fastdelta.delta_models.config import BaseDeltaConfig, config_class_for, require_dict
 from fastdelta.delta_models.lora import LoraModel
+from fastdelta.delta_models.low_rank_adapter import LowRankAdapterModel
 
 DELTA_MODELS: dict[str, type[DeltaBase]] = {
     model.config_class.delta_type: model
-    for model in (LoraModel, AdapterModel, ParallelAdapterModel, BitFitModel)
+    for model in (
+        LoraModel,
+        AdapterModel,
+        ParallelAdapterModel,
+        BitFitModel,
+        LowRankAdapterModel,
+        CompacterModel,
+    )
 }
 
 

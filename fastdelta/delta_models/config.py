@@ -35,7 +35,7 @@ DOWNLOAD_OPTIONS = (
     "check_hash",
 )
 # OpenDelta delta types that fastdelta does not implement.
-NOT_IMPLEMENTED = ("low_rank_adapter", "compacter", "prefix", "soft_prompt")
+NOT_IMPLEMENTED = ("prefix", "soft_prompt")
 # The largest rank or bottleneck width accepted: wider than any layer of any model, so a larger
 # value is a typo or an overflow (2**40 would reach the allocator as a raw error).
 MAX_DELTA_WIDTH = 2**16
@@ -184,7 +184,18 @@ def config_class_for(delta_type) -> type[BaseDeltaConfig]:
 
 
 def _config_classes() -> tuple[type[BaseDeltaConfig], ...]:
-    return (LoraConfig, AdapterConfig, ParallelAdapterConfig, BitFitConfig)
+    # Defined with their delta models, which import this module: imported when first asked for.
+    from fastdelta.delta_models.compacter import CompacterConfig
+    from fastdelta.delta_models.low_rank_adapter import LowRankAdapterConfig
+
+    return (
+        LoraConfig,
+        AdapterConfig,
+        ParallelAdapterConfig,
+        BitFitConfig,
+        LowRankAdapterConfig,
+        CompacterConfig,
+    )
 
 
 def _require_bool(value, name: str) -> None:
