@@ -357,3 +357,38 @@ TREE = {
 )
 def test_map_name(name, expected):
     assert map_name(name, TREE) == expected
+
+
+class WrappedPLM(nn.Module):
+    """A task module holding the pretrained model as `self.plm`, as OpenDelta's examples do."""
+
+    def __init__(self, architecture: str):
+        super().__init__()
+        self.plm = tiny_model(architecture)
+        self.head = nn.Linear(self.plm.config.hidden_size, 2)
+
+    def forward(self, input_ids):
+        return self.head(self.plm(input_ids=input_ids).last_hidden_state[:, 0])
+
+
+@pytest.mark.parametrize("architecture", ["bert", "llama"])
+def test_a_model_inside_a_wrapper_is_addressed_through_it(architecture):
+    from fastdelta import AdapterModel, LoraModel
+
+    wrapped = WrappedPLM(architecture)
+    inner = common_structure_names(tiny_model(architecture))
+    names = common_structure_names(wrapped)
+    assert names == {f"plm.{name}" if name else "plm": common for name, common in inner.items()}
+    lora = LoraModel(wrapped)  # default targets, in common-structure names
+    plain = LoraModel(tiny_model(architecture))
+    assert [a.host_name for a in lora.attachments] == [
+        f"plm.{a.host_name}" for a in plain.attachments
+    ]
+    adapter = AdapterModel(WrappedPLM(architecture), modified_modules=["attn@.proj@"])
+    assert all(a.host_name.startswith("plm.") for a in adapter.attachments)
+
+
+def test_a_wrapper_holding_no_mapped_model_is_refused_by_name():
+    wrapper = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(UnsupportedArchitectureError, match=r"holds no model that has one"):
+        common_structure_names(wrapper)

@@ -30,17 +30,41 @@ def model_type_of(model: nn.Module) -> str | None:
 
 
 def common_structure_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    """Module name -> its common-structure names, for every mapped module of `model`."""
+    """Module name -> its common-structure names, for every mapped module of `model`.
+
+    A model of no mapped architecture that wraps some (a task module holding a pretrained model
+    as `self.plm`, as OpenDelta's examples do) is addressed through them: each outermost mapped
+    model inside keeps its names under its path."""
     model_type = model_type_of(model)
-    if model_type not in STRUCTURE_MAPS:
+    if model_type in STRUCTURE_MAPS:
+        return structure_names(model, STRUCTURE_MAPS[model_type])
+    inner = _mapped_models_inside(model)
+    if not inner:
         described = f"model_type {model_type!r}" if model_type else "no transformers config"
         raise UnsupportedArchitectureError(
-            f"{type(model).__name__} ({described}) has no common-structure map; the supported "
-            f"architectures are {', '.join(supported_architectures())}. Name the modules to "
-            "modify instead, e.g. modified_modules=['q_proj', 'v_proj'] (suffixes of the names "
-            "that Visualization(model).structure_graph() shows), with common_structure=False."
+            f"{type(model).__name__} ({described}) has no common-structure map and holds no "
+            f"model that has one; the supported architectures are "
+            f"{', '.join(supported_architectures())}. Name the modules to modify instead, e.g. "
+            "modified_modules=['q_proj', 'v_proj'] (suffixes of the names that "
+            "Visualization(model).structure_graph() shows), with common_structure=False."
         )
-    return structure_names(model, STRUCTURE_MAPS[model_type])
+    names = {}
+    for prefix, submodel in inner:
+        mapped = structure_names(submodel, STRUCTURE_MAPS[model_type_of(submodel)])
+        names.update(
+            (f"{prefix}.{name}" if name else prefix, common) for name, common in mapped.items()
+        )
+    return names
+
+
+def _mapped_models_inside(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of each outermost submodule of `model` of a mapped architecture."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        inside_found = any(name.startswith(prefix + ".") for prefix, _ in found)
+        if name and not inside_found and model_type_of(module) in STRUCTURE_MAPS:
+            found.append((name, module))
+    return found
 
 
 __all__ = [
