@@ -59,6 +59,29 @@ class DecoderCase:
         return self.batch * self.seq
 
 
+@dataclass(frozen=True)
+class HostCase:
+    """Host overhead: one call of `op` ("lora" or "adapter") as the functional op or a whole
+    layer (`subject`), on an [M, d] input into a d x d linear, rank or bottleneck r; timed in
+    `mode` ("forward" or "full", forward and backward), training or evaluating."""
+
+    op: str
+    subject: str
+    training: bool
+    dropout: float
+    mode: str
+    M: int = 4
+    d: int = 64
+    r: int = 8
+
+    @property
+    def id(self) -> str:
+        dropout = f"-p{self.dropout:g}" if self.op == "lora" else ""
+        phase = "train" if self.training else "eval"
+        mode = "fwd" if self.mode == "forward" else "fwd+bwd"
+        return f"{self.op}-{self.subject}-M{self.M}-d{self.d}-r{self.r}{dropout}-{phase}-{mode}"
+
+
 # The shapes the report's targets are stated at.
 GPU_LORA_TARGET = LoraCase(M=8192, K=4096, N=4096, r=16, dropout=0.1)
 CPU_LORA_TARGET = LoraCase(M=2048, K=1024, N=1024, r=16, dropout=0.1)
@@ -67,10 +90,11 @@ GPU_ADAPTER_TARGET = AdapterCase(M=8192, d=4096, m=64)
 
 def lora_linear_cases(grid: str, device_type: str) -> list[LoraCase]:
     """Decode (M=1..16) to training (M=16384), hidden 1024..8192, ranks 8..128; quick keeps the
-    CPU target, its dropout-free twin and a decode shape (plus the GPU target on CUDA)."""
+    CPU target, its dropout-free twin and two decode shapes (plus the GPU target on CUDA)."""
     if grid == "smoke":
         return [LoraCase(M=8, K=40, N=24, r=4, dropout=0.1)]
     quick = [
+        LoraCase(M=1, K=1024, N=1024, r=16, dropout=0.1),
         LoraCase(M=16, K=1024, N=1024, r=16, dropout=0.1),
         CPU_LORA_TARGET,
         LoraCase(M=2048, K=1024, N=1024, r=16, dropout=0.0),
@@ -86,7 +110,25 @@ def lora_linear_cases(grid: str, device_type: str) -> list[LoraCase]:
         LoraCase(M=8192, K=8192, N=8192, r=16, dropout=0.1),
     ]
     by_rank = [LoraCase(M=8192, K=4096, N=4096, r=r, dropout=0.1) for r in (8, 64, 128)]
-    return [*quick[:1], CPU_LORA_TARGET, *by_tokens, *by_hidden, *training, *by_rank]
+    return [*quick[1:2], CPU_LORA_TARGET, *by_tokens, *by_hidden, *training, *by_rank]
+
+
+def host_overhead_cases(grid: str, device_type: str) -> list[HostCase]:
+    """Every combination on the tiny [4, 64] input: op or layer, LoRA with dropout 0 and 0.1
+    and the adapter, training (forward, forward+backward) and evaluating (forward); smoke keeps
+    the LoRA layer's. Sized for host time, so the same on every grid but smoke."""
+    phases = [(True, "forward"), (True, "full"), (False, "forward")]
+    every = [
+        HostCase(op, subject, training, dropout, mode)
+        for op, dropouts in (("lora", (0.0, 0.1)), ("adapter", (0.0,)))
+        for subject in ("layer", "op")
+        for dropout in dropouts
+        for training, mode in phases
+        if training or dropout == 0.0  # evaluation runs without dropout
+    ]
+    if grid == "smoke":
+        return [case for case in every if case.op == "lora" and case.subject == "layer"][:2]
+    return every
 
 
 def adapter_cases(grid: str, device_type: str) -> list[AdapterCase]:

@@ -19,7 +19,13 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.cases import CPU_LORA_TARGET, GPU_ADAPTER_TARGET, GPU_LORA_TARGET
+from benchmarks.cases import (
+    CPU_LORA_TARGET,
+    GPU_ADAPTER_TARGET,
+    GPU_LORA_TARGET,
+    HostCase,
+    LoraCase,
+)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 # The report compares each benchmark's fastest round by default: on a shared machine the other
@@ -29,8 +35,11 @@ FLOOR = "floor"
 # The provider name a target uses for fastdelta on the backend it picks by itself.
 FASTDELTA = "fastdelta"
 END_TO_END = "training_step"
+HOST_OVERHEAD = "host_overhead"
 BASELINE = "peft"  # what the end-to-end ratios divide by
 OPS = {"lora_linear": "LoRA linear", "adapter_bottleneck": "Adapter bottleneck"}
+# What the host-overhead targets compare each op's fastdelta with, besides the plain layer.
+HOST_BASELINES = {"lora": "peft", "adapter": "reference"}
 MODE_NAMES = {"forward": "fwd", "backward": "bwd", "full": "fwd+bwd", "step": "step"}
 MEMORY_KINDS = {
     "cpu": "bytes saved for backward, parameters left out",
@@ -141,6 +150,63 @@ TARGETS = (
         limit=0.8,
     ),
 )
+
+
+def _host_targets() -> tuple[Target, ...]:
+    """The host-overhead goals, on the whole layer, training, with and without dropout: fwd+bwd
+    at most 0.6x PEFT's (LoRA) or the eager reference's (adapter) and 3x the plain layer's; the
+    forward at most 2.5x the plain layer's."""
+    targets = []
+    for op, dropouts in (("lora", (0.0, 0.1)), ("adapter", (0.0,))):
+        baseline = HOST_BASELINES[op]
+        for dropout in dropouts:
+            goals = (("full", baseline, 0.6), ("full", FLOOR, 3.0), ("forward", FLOOR, 2.5))
+            for mode, denominator, limit in goals:
+                case = HostCase(op, "layer", True, dropout, mode)
+                name = "plain layer" if denominator == FLOOR else denominator
+                targets.append(
+                    Target(
+                        description=f"Host {case.id}: fastdelta / {name}",
+                        device="cpu",
+                        op=HOST_OVERHEAD,
+                        case_id=case.id,
+                        dtype="float32",
+                        mode=mode,
+                        numerator=FASTDELTA,
+                        denominator=denominator,
+                        quantity="time",
+                        comparison="<=",
+                        limit=limit,
+                    )
+                )
+    return tuple(targets)
+
+
+def _decode_dropout_targets() -> tuple[Target, ...]:
+    """LoRA with dropout on decode-sized inputs: never slower than PEFT or the eager reference."""
+    targets = []
+    for rows in (1, 16):
+        case = LoraCase(M=rows, K=1024, N=1024, r=16, dropout=0.1)
+        for denominator in ("peft", "reference"):
+            targets.append(
+                Target(
+                    description=f"CPU LoRA {case.id} fp32 fwd+bwd: fastdelta / {denominator}",
+                    device="cpu",
+                    op="lora_linear",
+                    case_id=case.id,
+                    dtype="float32",
+                    mode="full",
+                    numerator=FASTDELTA,
+                    denominator=denominator,
+                    quantity="time",
+                    comparison="<=",
+                    limit=1.0,
+                )
+            )
+    return tuple(targets)
+
+
+TARGETS += _decode_dropout_targets() + _host_targets()
 
 
 def load_rows(run: dict, statistic: str) -> list[dict]:
@@ -286,6 +352,48 @@ def _op_section(op: str, rows: list[dict], device_type: str) -> list[str]:
     return [*lines, *_table(header, body), "", f"Memory: {memory_kind}.", ""]
 
 
+def _host_section(rows: list[dict]) -> list[str]:
+    """Per case: each provider's time per call and fastdelta's ratios to the plain layer and to
+    the op's baseline (PEFT for LoRA, the eager reference for the adapter)."""
+    providers = list(dict.fromkeys(row["provider"] for row in rows))
+    by_case: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_case.setdefault(row["case_id"], {})[row["provider"]] = row
+    header = [
+        "case", *(f"{provider} µs" for provider in providers), "fastdelta backend",
+        "vs plain layer", "vs PEFT / reference",
+    ]  # fmt: skip
+    body = []
+    for case_id, by_provider in by_case.items():
+        fastdelta = by_provider.get(FASTDELTA)
+        baseline = by_provider.get(HOST_BASELINES.get(case_id.split("-")[0], ""))
+        times = [
+            f"{by_provider[p]['time_s'] * 1e6:.1f}" if p in by_provider else "—" for p in providers
+        ]
+        versus = None if fastdelta is None or baseline is None else (
+            fastdelta["time_s"] / baseline["time_s"]
+        )  # fmt: skip
+        body.append(
+            [
+                case_id,
+                *times,
+                "—" if fastdelta is None else fastdelta["backend"],
+                _ratio(None if fastdelta is None else fastdelta["ratio_to_floor"]),
+                _ratio(versus),
+            ]
+        )
+    return [
+        "## Host overhead per call (tiny tensors, one CPU thread)",
+        "",
+        "The plain layer is the floor: a trainable nn.Linear of the same size. Layer cases run "
+        "the linear with its delta; op cases the functional op alone. fwd+bwd takes the "
+        "gradients of the input and every trainable tensor.",
+        "",
+        *_table(header, body),
+        "",
+    ]
+
+
 def _end_to_end_section(rows: list[dict]) -> list[str]:
     header = ["model", "dtype", "provider", "backend", "trainable params", "step"]
     header += ["tokens/s", "tokens/s vs PEFT", "memory MiB", "memory vs PEFT"]
@@ -354,6 +462,8 @@ def render_markdown(report: dict) -> str:
         selected = [row for row in rows if row["op"] == op]
         if op == END_TO_END:
             lines += _end_to_end_section(selected)
+        elif op == HOST_OVERHEAD:
+            lines += _host_section(selected)
         else:
             lines += _op_section(op, selected, report["device_type"])
     return "\n".join(lines).rstrip() + "\n"
@@ -371,7 +481,7 @@ def build_report(run: dict, statistic: str = "min") -> dict:
     section = run["fastdelta"]
     rows = load_rows(run, statistic)
     add_ratios(rows)
-    order = [*OPS, END_TO_END]
+    order = [*OPS, HOST_OVERHEAD, END_TO_END]
     rows.sort(key=lambda row: order.index(row["op"]) if row["op"] in order else len(order))
     return {
         "device": section["device_slug"],

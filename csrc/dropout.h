@@ -48,19 +48,4 @@ inline uint32_t dropout_threshold(double p) {
   return static_cast<uint32_t>(std::llround(p * 65536.0));
 }
 
-// Fills keep[0 .. count) with the keep bits of indices first .. first + count - 1, hashing each
-// word once.
-inline void fill_keep_mask(
-    uint64_t key, uint32_t threshold, int64_t first, int64_t count, uint8_t* keep) {
-  int64_t index = first;
-  const int64_t end = first + count;
-  while (index < end) {
-    const uint64_t word = dropout_word(key, index >> 2);
-    do {
-      keep[index - first] = dropout_bits(word, index) >= threshold;
-      ++index;
-    } while (index < end && (index & 3) != 0);
-  }
-}
-
 }  // namespace fastdelta

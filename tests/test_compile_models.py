@@ -140,3 +140,38 @@ def test_compiled_model_does_not_recompile_between_batches():
     with torch.compiler.set_stance("fail_on_recompile"):
         step(seed=2)
         step(seed=3)
+
+
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "automatic-dynamic"])
+def test_compiled_lora_model_compiles_once_for_new_seeds_and_batch_sizes(dynamic):
+    """A compiled LoRA model keeps running its graph while each step draws a new dropout seed
+    and brings a new batch size: one graph with dynamic=True; with dynamo's automatic dynamic
+    shapes, one static graph and one dynamic graph at the first new size, then none. (Counted
+    by a backend that records each graph it is given, as a recompile would call it again.)"""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN_FEATURES, 16), nn.ReLU(), nn.Linear(16, OUT_FEATURES))
+    delta_model = LoraModel(model, modified_modules=["0", "2"], lora_r=4, lora_dropout=0.1)
+    delta_model.freeze_module()
+    nudge_deltas(model)
+    model.train()
+    compiled = torch.compile(model, backend=counting_backend, dynamic=dynamic, fullgraph=True)
+    optimizer = torch.optim.SGD(delta_model.trainable_parameters(), lr=0.1)
+
+    def step(batch: int) -> None:
+        compiled(torch.randn(batch, 5, IN_FEATURES)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for batch in (3, 4):  # the first new size makes automatic dynamic shapes recompile once
+        step(batch)
+    assert len(graphs) == (1 if dynamic else 2)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for batch in (6, 2, 9, 4, 7):
+            step(batch)
+    assert len(graphs) == (1 if dynamic else 2)

@@ -402,8 +402,10 @@ def test_dropout_is_a_function_of_the_seed(backend, m):
         ((2, 25), F32, True, NAMES),
         (40, BF16, False, ("x", "lora_A", "lora_B")),
         ((3, 4), F16, True, ("lora_A", "lora_B")),
+        # More rows than one of the cpp backend's row blocks (128 rows) holds.
+        (300, F32, False, NAMES),
     ],
-    ids=["small_m", "3d_conv1d", "bf16", "f16_lora_only"],
+    ids=["small_m", "3d_conv1d", "bf16", "f16_lora_only", "row_blocks"],
 )
 def test_backward_uses_the_forward_mask(backend, shape, dtype, fan_in_fan_out, trainable):
     """The backend's own keep-mask for the seed, applied by the eager reference, reproduces the
@@ -457,6 +459,9 @@ def test_the_keep_mask_helper_is_the_op_mask(backend):
     assert torch.equal(backend_module(backend).dropout_keep_mask(seed, (20, 40), 0.4), expected)
     mask_3d = backend_module(backend).dropout_keep_mask(seed, (4, 5, 40), 0.4)
     assert torch.equal(mask_3d.reshape(20, 40), expected)
+    # More rows than one of the cpp backend's row blocks holds, an odd row length.
+    expected = op_keep_mask(0.4, 300, 37, seed)
+    assert torch.equal(backend_module(backend).dropout_keep_mask(seed, (300, 37), 0.4), expected)
 
 
 def test_dropout_only_touches_the_low_rank_path(backend):
@@ -645,18 +650,24 @@ def _triton_imports():
     return True
 
 
-def test_auto_runs_cpu_tensors_on_torch(use_backend, monkeypatch):
+def test_auto_runs_cpu_tensors_on_cpp_once_built_else_torch(use_backend, monkeypatch):
+    """The C++ extension is the CPU's fastest path: auto takes it once it is built (it never
+    builds it), and the torch backend otherwise."""
+    built = backend_selection.unavailable_reason("cpp", "cpu", build=False) is None
+    expected = "cpp" if built else "torch"
     use_backend("auto")
     assert get_backend() == "auto"
     for dtype in (*DTYPES, torch.float64):
-        assert resolve_backend("cpu", dtype) == "torch"
-    torch_calls = spy_on(monkeypatch, backend_module("torch"))
-    triton_calls = spy_on(monkeypatch, backend_module("triton")) if _triton_imports() else []
-    cpp_calls = spy_on(monkeypatch, backend_module("cpp")) if available(["cpp"]) else []
+        assert resolve_backend("cpu", dtype) == expected
+    calls = {"torch": spy_on(monkeypatch, backend_module("torch"))}
+    if _triton_imports():
+        calls["triton"] = spy_on(monkeypatch, backend_module("triton"))
+    if built:
+        calls["cpp"] = spy_on(monkeypatch, backend_module("cpp"))
     inputs, grad_out = make_inputs(4, 6, 5, 2, F32)
     run(lambda *args: ops.lora_linear(*args, SCALING), inputs, NAMES, grad_out)
-    assert torch_calls == ["lora_forward", "lora_backward"]
-    assert triton_calls == [] and cpp_calls == []
+    assert calls.pop(expected) == ["lora_forward", "lora_backward"]
+    assert all(not other for other in calls.values())
 
 
 def test_the_forced_backend_runs_the_op(backend, monkeypatch):

@@ -1,10 +1,11 @@
 """The one place that decides which compute backend runs a fused op.
 
-`auto` (the default) picks the fastest backend available for the tensor's device;
-`FASTDELTA_BACKEND` or `set_backend()` force one. A forced backend that cannot run raises; an
-automatic choice never does, and never builds the C++ extension (that takes minutes): it uses
-the cpp backend only once the extension is built, and otherwise warns, once, with the command
-that builds it.
+`auto` (the default) picks the fastest backend available for the tensor's device: triton on a
+recent CUDA GPU, else cpp once the C++ extension is built (on the CPU too, where it beats the
+torch backend), else torch; `FASTDELTA_BACKEND` or `set_backend()` force one. A forced backend
+that cannot run raises; an automatic choice never does, and never builds the C++ extension
+(that takes minutes): it uses the cpp backend only once the extension is built, and on a GPU
+otherwise warns, once, with the command that builds it (`fastdelta build-ext`).
 
 The functional ops resolve the backend once per call, before the op runs, and pass its name to
 the forward and the backward alike, so a set_backend() between them cannot split a step over two
@@ -151,8 +152,14 @@ _resolved: dict[tuple, str] = {}
 
 def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """The backend that runs an op on tensors of `dtype` on `device` under the current setting.
-    Cheap: after the first call for a (setting, device, dtype), a dictionary lookup."""
-    return _resolve(get_backend(), device, dtype)
+    Cheap: after the first call for a (setting, device, dtype), a dictionary lookup (in eager
+    mode without even the constant-result wrapper, which costs a microsecond a call)."""
+    setting = get_backend()
+    if not torch.compiler.is_compiling():
+        name = _resolved.get((setting, device, dtype))
+        if name is not None:
+            return name
+    return _resolve(setting, device, dtype)
 
 
 @torch.compiler.assume_constant_result
@@ -184,6 +191,11 @@ def _choose(setting: str, device: torch.device, dtype: torch.dtype | None) -> st
         if reason is None:
             return "cpp"
         _report_fallback(device, dtype, reason)
+    elif device.type == "cpu" and unavailable_reason("cpp", device, build=False) is None:
+        # The CPU's fastest path once built: one call into C++ per forward and backward (a
+        # fraction of the host time of the torch backend's dozen op calls on small inputs)
+        # and a vectorised dropout hash fused into its copies of x (benchmarks/results/cpu.md).
+        return "cpp"
     return "torch"
 
 

@@ -18,12 +18,21 @@ why this is still the fallback.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+@functools.cache
+def _op(name: str) -> torch._ops.OpOverload:
+    """The extension's op `name` as its one overload: called directly, it skips the overload
+    packet's resolution, a fifth of a small forward's host time (measured on the CPU)."""
+    return getattr(torch.ops.fastdelta_C, name).default
 
 
 def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, ...], p: float) -> torch.Tensor:
     """The boolean keep-mask that the extension's dropout draws from `seed` for `shape`."""
-    return torch.ops.fastdelta_C.dropout_keep_mask(seed, list(shape), p)
+    return _op("dropout_keep_mask")(seed, list(shape), p)
 
 
 def lora_forward(
@@ -39,7 +48,7 @@ def lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, xa) for y = x W^T + b + scaling * xa B^T with xa = dropout(x) A^T; xa in float32
     (float64 for float64 x)."""
-    return torch.ops.fastdelta_C.lora_forward(
+    return _op("lora_forward")(
         x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
     )
 
@@ -59,7 +68,7 @@ def lora_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of (x, weight, bias, lora_A, lora_B); None for those not needed."""
     arguments = (grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, fan_in_fan_out)
-    return tuple(torch.ops.fastdelta_C.lora_backward(*arguments, list(needs)))
+    return tuple(_op("lora_backward")(*arguments, list(needs)))
 
 
 def adapter_forward(
@@ -74,7 +83,7 @@ def adapter_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, pre): out = residual + scaling * (act(pre) U^T + b_u), pre = h D^T + b_d in
     float32 (float64 for float64 h). residual None means h (a sequential adapter)."""
-    return torch.ops.fastdelta_C.adapter_forward(
+    return _op("adapter_forward")(
         h, down_weight, down_bias, up_weight, up_bias, residual, scaling, activation
     )
 
@@ -93,7 +102,7 @@ def adapter_backward(
     """Gradients of (h, down_weight, down_bias, up_weight, up_bias); None where not needed.
     A sequential adapter's dh includes the residual path."""
     return tuple(
-        torch.ops.fastdelta_C.adapter_backward(
+        _op("adapter_backward")(
             grad_out, h, down_weight, up_weight, pre, scaling, activation, sequential, list(needs)
         )
     )
