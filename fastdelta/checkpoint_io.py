@@ -1,14 +1,16 @@
-"""Checkpoint I/O that both formats share: which format a directory holds, where a checkpoint
+"""Checkpoint I/O that the formats share: which format a directory holds, where a checkpoint
 may be written, reading weight files, and checking tensors before they are copied in.
 
-fastdelta.saving (fastdelta's format) and fastdelta.peft_format (PEFT's) build on it. Like them,
-it reads and writes plain dicts and tensors and never imports a delta model.
+fastdelta.saving (fastdelta's format), fastdelta.peft_format (PEFT's) and
+fastdelta.opendelta_checkpoint (OpenDelta's, read only) build on it. Like them, it reads and
+writes plain dicts and tensors and never imports a delta model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,10 @@ from torch import nn
 CONFIG_NAME = "config.json"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+# OpenDelta's save_finetuned writes config.json (its delta config, with these keys, which
+# fastdelta never writes) beside its weights file, a torch.save'd state dict.
+OPENDELTA_WEIGHTS_NAME = "pytorch_model.bin"
+OPENDELTA_CONFIG_KEYS = ("opendelta_version", "backbone_hash")
 
 
 # Which format a directory holds
@@ -37,6 +43,18 @@ def _is_delta_config(path: Path) -> bool:
     """Whether `path` is a config.json written by fastdelta (it names a delta_type)."""
     config = _json_file(path)
     return isinstance(config, dict) and "delta_type" in config
+
+
+def _is_opendelta_config(path: Path) -> bool:
+    """Whether the delta config.json `path` was written by OpenDelta: it holds a key only
+    OpenDelta writes and none of the metadata every fastdelta checkpoint holds."""
+    config = _json_file(path)
+    return (
+        isinstance(config, dict)
+        and any(key in config for key in OPENDELTA_CONFIG_KEYS)
+        and "format_version" not in config
+        and "fastdelta_version" not in config
+    )
 
 
 def _what_config_is(path: Path) -> str:
@@ -60,8 +78,10 @@ def directory_path(path) -> Path:
 
 
 def checkpoint_format(path: str | Path) -> str:
-    """The format of the checkpoint directory `path`, "fastdelta" or "peft", read from its
-    files' contents. A directory holding both is ambiguous and refused."""
+    """The format of the checkpoint directory `path`, "fastdelta", "peft" or "opendelta" (a
+    config.json written by OpenDelta's save_finetuned, with its opendelta_version or
+    backbone_hash, beside pytorch_model.bin), read from its files' contents. A directory
+    holding both a delta config.json and a PEFT adapter is ambiguous and refused."""
     path = directory_path(path)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -79,6 +99,15 @@ def checkpoint_format(path: str | Path) -> str:
         )
     if peft:
         return "peft"
+    if fastdelta and _is_opendelta_config(config):
+        if not (path / OPENDELTA_WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(
+                f"{config} was written by OpenDelta (it holds "
+                f"{' or '.join(OPENDELTA_CONFIG_KEYS)}), but {str(path)!r} has no "
+                f"{OPENDELTA_WEIGHTS_NAME}, the file OpenDelta saves the delta tensors to: "
+                "copy it from the directory OpenDelta saved"
+            )
+        return "opendelta"
     if fastdelta:
         return "fastdelta"
     if config.is_file():
@@ -104,6 +133,12 @@ def prepare_directory(path: str | Path, format: str) -> Path:
             raise FileExistsError(
                 f"{config} is {_what_config_is(config)}, which save_finetuned would overwrite: "
                 "save the delta checkpoint to a directory of its own"
+            )
+        if config.is_file() and _is_opendelta_config(config):
+            raise FileExistsError(
+                f"{str(path)!r} holds an OpenDelta checkpoint ({CONFIG_NAME} with "
+                f"{' or '.join(OPENDELTA_CONFIG_KEYS)}), which save_finetuned would overwrite: "
+                "save the fastdelta checkpoint to a directory of its own"
             )
         if peft_config.is_file():
             raise FileExistsError(
@@ -140,6 +175,13 @@ def load_weights_file(weights: Path) -> dict[str, torch.Tensor]:
             tensors = torch.load(weights, map_location="cpu", weights_only=True)
         else:
             tensors = load_file(weights)
+    except pickle.UnpicklingError as error:
+        message = (
+            f"{weights} holds objects other than tensors, which fastdelta does not unpickle "
+            "(it reads weight files with torch.load(weights_only=True), so that loading a "
+            "checkpoint cannot run code), and cannot be read: save a dict of tensors instead"
+        )
+        raise ValueError(message) from error
     except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as error:
         message = f"{weights} is corrupt or truncated and cannot be read: {error}"
         raise ValueError(message) from error

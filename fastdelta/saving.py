@@ -120,9 +120,11 @@ def backbone_class_name(backbone: nn.Module) -> str:
 def read_config(path: str | Path) -> dict[str, Any]:
     """The config.json of the fastdelta checkpoint directory `path`, with its format version
     and the metadata loading depends on checked."""
-    if checkpoint_format(path) != "fastdelta":
+    found = checkpoint_format(path)
+    if found != "fastdelta":
+        kind = "a PEFT adapter" if found == "peft" else "an OpenDelta checkpoint"
         raise ValueError(
-            f"{str(path)!r} holds a PEFT adapter, not a fastdelta checkpoint: load it with "
+            f"{str(path)!r} holds {kind}, not a fastdelta checkpoint: load it with "
             "AutoDeltaModel.from_finetuned"
         )
     config_file = Path(path) / CONFIG_NAME

@@ -124,18 +124,24 @@ class Visualization:
         beside it; `keep_non_params` also shows modules without any parameter (dropout,
         activations); `common_structure` shows common-structure names (`attn@`, `q@`) where a
         module has one, and `only_common` hides the modules that have none, except on the path
-        to one that has. Delta modules are always shown. Returns a `StructureTree` (a
+        to one that has. The common names are those of the built-in map of the model's
+        architecture, or of `mapping`, a map in OpenDelta's format (see `mapping_names`), for a
+        model that has none. Delta modules are always shown. Returns a `StructureTree` (a
         `rich.tree.Tree` that prints its legend).
         """
-        if mapping is not None:
-            raise NotImplementedError(
-                "structure_graph(mapping=...) is not supported: custom common-structure maps are "
-                "not implemented yet. Pass mapping=None; common_structure=True uses the built-in "
-                "map of the model's architecture."
+        if mapping is not None and not common_structure:
+            raise ValueError(
+                "mapping is a common-structure map, used with common_structure=True: pass "
+                "common_structure=True to show its names, or leave mapping out"
             )
         if only_common and not common_structure:
             raise ValueError("only_common=True needs common_structure=True.")
-        common_names = common_structure_names(self.model) if common_structure else {}
+        if mapping is not None:
+            common_names = mapping_names(self.model, mapping)
+        elif common_structure:
+            common_names = common_structure_names(self.model)
+        else:
+            common_names = {}
         describer = _Describer(
             delta_names=delta_parameter_names(self.model),
             common_names=common_names,
@@ -150,6 +156,64 @@ class Visualization:
         if printTree:
             output_console().print(tree)
         return tree
+
+
+def mapping_names(model: nn.Module, mapping: dict) -> dict[str, tuple[str, ...]]:
+    """Module name -> its common name, for each module of `model` that OpenDelta's
+    common-structure `mapping` names.
+
+    OpenDelta's format is nested: each key is a child's name, or a dotted path through children
+    that have no common name of their own (`"self.query"`), and its value a dict whose
+    `"__name__"` is the common name (`"attn"`; "" for a module with none), holding the map of
+    what lies inside; a `"$"` key stands for any child (a layer index), kept as it is. So
+    `encoder.layer.0.attention.self.query` of BERT's map is `encoder@.block@.0.attn@.q@`."""
+    _check_mapping(mapping, "mapping")
+    names = {}
+    for name, _ in model.named_modules():
+        common = _mapped_name(name, mapping) if name else None
+        if common:
+            names[name] = (common,)
+    return names
+
+
+def _check_mapping(mapping, where: str) -> None:
+    """Every level of an OpenDelta map is a dict, and every named entry has a `__name__`."""
+    if not isinstance(mapping, dict):
+        raise TypeError(
+            f"{where} must be a dict in OpenDelta's common-structure format, such as "
+            f"{{'encoder': {{'__name__': 'encoder', ...}}}}, got {type(mapping).__name__}"
+        )
+    for key, value in mapping.items():
+        if key == "__name__":
+            if not isinstance(value, str):
+                raise TypeError(f"{where}['__name__'] must be a string, got {value!r}")
+            continue
+        if key != "$" and (not isinstance(value, dict) or "__name__" not in value):
+            raise ValueError(
+                f"{where}[{key!r}] must be a dict with a '__name__' (the common name, '' for "
+                f"none), got {value!r}"
+            )
+        _check_mapping(value, f"{where}[{key!r}]")
+
+
+def _mapped_name(name: str, mapping: dict) -> str | None:
+    """The common name `mapping` gives the module `name`, or None where it gives none."""
+    node, query, chain = mapping, "", []
+    for segment in name.split("."):
+        query += segment
+        if query in node:
+            node = node[query]
+            if not node["__name__"]:
+                return None
+            chain.append(".".join(part + "@" for part in node["__name__"].split(".")))
+            query = ""
+        elif "$" in node:
+            node = node["$"]
+            chain.append(query)
+            query = ""
+        else:
+            query += "."
+    return None if query else ".".join(chain)
 
 
 class _Describer:

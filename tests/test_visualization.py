@@ -208,7 +208,7 @@ def test_common_structure_of_an_unmapped_model_raises():
 @pytest.mark.parametrize(
     "options, error, message",
     [
-        ({"common_structure": True, "mapping": {}}, NotImplementedError, "mapping=None"),
+        ({"mapping": {}}, ValueError, "common_structure=True"),
         ({"only_common": True}, ValueError, "common_structure=True"),
     ],
 )

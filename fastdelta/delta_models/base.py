@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from rich.table import Table
@@ -43,8 +44,16 @@ class Attachment:
     role: str | None
     delta: nn.Module
     attached: bool = True
+    # The host's hooks that run an OpenDelta-style delta's pre_forward / post_forward.
+    hooks: list = field(default_factory=list)
 
 
+# DeltaBase is not an nn.Module, though OpenDelta's is: its deltas are children of the backbone's
+# modules, so registering them again under the delta model would give them two parents (twice in
+# any walk of modules), and registering the backbone would put it inside a second model. Its
+# train()/eval()/apply() would act on a tree that is not the model. The delta model instead has
+# the nn.Module methods OpenDelta scripts call on it (parameters, named_parameters, state_dict,
+# load_state_dict, to), each about its own deltas under their names in the backbone.
 class DeltaBase:
     """The deltas of one kind attached to one backbone model.
 
@@ -81,6 +90,8 @@ class DeltaBase:
                 detach_delta(
                     self.backbone_model.get_submodule(attachment.host_name), attachment.delta_name
                 )
+                for hook in attachment.hooks:
+                    hook.remove()
             self.attachments.clear()
             raise
 
@@ -146,6 +157,98 @@ class DeltaBase:
             f"deltas={active}/{len(self.attachments)} attached, config={self.config})"
         )
 
+    # The nn.Module methods OpenDelta scripts call on the delta model
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """This delta model's parameters, attached or detached, by their names in the backbone
+        (with BitFit's host biases; other delta models' deltas and the head are not included:
+        `trainable_parameters()` gives what trains). `recurse` is nn.Module's, and has nothing to
+        change: a delta model holds its deltas only."""
+        seen = set()
+        for name, parameter in checkpoint.owned_parameters(self).items():
+            if remove_duplicate and id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            yield prefix + name, parameter
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """The parameters of `named_parameters()`, for an optimizer over the deltas alone."""
+        for _, parameter in self.named_parameters(recurse=recurse):
+            yield parameter
+
+    def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False) -> dict:
+        """This delta model's own tensors (its deltas' parameters and persistent buffers, and
+        BitFit's host biases) by their names in the backbone: what `save_finetuned` saves
+        besides a head, and what `load_state_dict` takes."""
+        destination = OrderedDict() if destination is None else destination
+        for attachment in self.attachments:
+            host_prefix = f"{attachment.host_name}." if attachment.host_name else ""
+            host = self.backbone_model.get_submodule(attachment.host_name)
+            tensors = attachment.delta.state_dict(keep_vars=True)
+            for name, tensor in tensors.items():
+                full = f"{prefix}{host_prefix}{attachment.delta_name}.{name}"
+                destination[full] = tensor if keep_vars else tensor.detach()
+            for name in getattr(attachment.delta, "host_parameter_names", ()):
+                parameter = host.get_parameter(name)
+                destination[prefix + host_prefix + name] = (
+                    parameter if keep_vars else parameter.detach()
+                )
+        return destination
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Copy the tensors of `state_dict` (keyed as `state_dict()` keys them) into this delta
+        model's deltas. With `strict` (the default), a missing or unexpected key is an error
+        naming it; otherwise those are returned, as nn.Module returns them. A shape that differs
+        is always an error, and then nothing is copied."""
+        if assign:
+            raise ValueError(
+                "load_state_dict(assign=True) would put new tensors in place of the deltas' "
+                "parameters, which the backbone's modules hold: leave assign out to copy values"
+            )
+        own = self.state_dict(keep_vars=True)
+        missing = [name for name in own if name not in state_dict]
+        unexpected = [name for name in state_dict if name not in own]
+        misshapen = [
+            f"{name}: {tuple(state_dict[name].shape)} given, {tuple(own[name].shape)} here"
+            for name in own
+            if name in state_dict and state_dict[name].shape != own[name].shape
+        ]
+        problems = []
+        if strict and missing:
+            problems.append("missing keys: " + ", ".join(missing))
+        if strict and unexpected:
+            problems.append("unexpected keys: " + ", ".join(unexpected))
+        if misshapen:
+            problems.append("shapes that differ: " + "; ".join(misshapen))
+        if problems:
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: "
+                + "; ".join(problems)
+                + ". Its keys are this delta model's delta tensors, named as in the backbone "
+                "(see state_dict())"
+            )
+        with torch.no_grad():
+            for name, tensor in own.items():
+                if name in state_dict:
+                    tensor.copy_(state_dict[name])
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def to(self, *args, **kwargs):
+        """Move or cast this delta model's deltas (and BitFit's host biases), as nn.Module.to
+        takes its arguments; returns the delta model. The backbone is not moved: `model.to()`
+        moves it, its deltas with it."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        for attachment in self.attachments:
+            attachment.delta.to(*args, **kwargs)
+            host = self.backbone_model.get_submodule(attachment.host_name)
+            for name in getattr(attachment.delta, "host_parameter_names", ()):
+                parameter = host.get_parameter(name)
+                cast = dtype if dtype is not None and parameter.is_floating_point() else None
+                parameter.data = parameter.data.to(device, cast, non_blocking)
+        return self
+
     # Which modules to modify
 
     def _targets(self) -> list[str]:
@@ -197,9 +300,20 @@ class DeltaBase:
         delta_name: str | None = None,
         position: str = "after",
     ) -> None:
-        """Run `delta_module` on the output of `module` ("after") or on its input ("before")."""
+        """Run `delta_module` on the output of `module` ("after") or on its input ("before").
+
+        A module with OpenDelta's protocol (a `pre_forward(*args, **kwargs)` returning the
+        (args, kwargs) `module` is called with, and/or a `post_forward(output)` returning its new
+        output) runs as OpenDelta runs it, whatever `position`: pre_forward on every argument of
+        `module`'s call, post_forward on its whole output. Its parameters are named
+        `<module>.<delta_name>.<name>`, as in OpenDelta."""
         if position not in ("before", "after"):
             raise ValueError(f"position must be 'before' or 'after', got {position!r}")
+        if _has_forward_protocol(delta_module):
+            self._attach(module, delta_module, delta_name, None)
+            attachment = self.attachments[-1]
+            _hook_protocol(self.backbone_model.get_submodule(attachment.host_name), attachment)
+            return
         self._attach(module, delta_module, delta_name, position)
 
     def insert_parallel_module(
@@ -237,8 +351,11 @@ class DeltaBase:
     def detach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
         """Take the deltas (inside `module`, default all) off the backbone, which then computes
         exactly what it did before they were added (a merged LoRA delta is unmerged first, which
-        restores its layer's weight to within the dtype's rounding). `attach()` puts them back."""
-        self._take_off(self._in_scope(module, attached=True, action="detach"))
+        restores its layer's weight to within the dtype's rounding). `attach()` puts them back.
+        Called again with every delta already detached, it does nothing; a `module` holding no
+        delta of this model that is still attached is an error."""
+        if not self._all_in_state(module, attached=False):
+            self._take_off(self._in_scope(module, attached=True, action="detach"))
         if reset_state_dict:
             self._set_trainable_state_dict(False)
 
@@ -246,6 +363,9 @@ class DeltaBase:
         for attachment in reversed(selected):
             host = self.backbone_model.get_submodule(attachment.host_name)
             detach_delta(host, attachment.delta_name)
+            for hook in attachment.hooks:
+                hook.remove()
+            attachment.hooks.clear()
             if isinstance(attachment.delta, DeltaLayer):
                 attachment.delta.on_detach(host)
             attachment.attached = False
@@ -253,8 +373,11 @@ class DeltaBase:
     def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
         """Put back the deltas that `detach()` took off (inside `module`, default all), each in
         its place among its module's deltas. If one cannot be attached (another delta model
-        attached a delta of its kind there meanwhile), those put back are taken off again."""
-        self._put_back(self._in_scope(module, attached=False, action="attach"))
+        attached a delta of its kind there meanwhile), those put back are taken off again.
+        Called with every delta already attached, it does nothing; a `module` holding no delta of
+        this model that is detached is an error."""
+        if not self._all_in_state(module, attached=True):
+            self._put_back(self._in_scope(module, attached=False, action="attach"))
         if reset_state_dict:
             self._set_trainable_state_dict(self._trainable_state_dict_wanted)
 
@@ -273,6 +396,8 @@ class DeltaBase:
                 )
                 if isinstance(attachment.delta, DeltaLayer):
                     attachment.delta.on_attach(host)
+                if _has_forward_protocol(attachment.delta):
+                    _hook_protocol(host, attachment)
                 attachment.attached = True
                 attached.append(attachment)
         except Exception:
@@ -298,6 +423,15 @@ class DeltaBase:
             for attachment in merged:
                 attachment.delta.merge(self.backbone_model.get_submodule(attachment.host_name))
             self._set_trainable_state_dict(trimmed)
+
+    def _all_in_state(self, module: nn.Module | None, attached: bool) -> bool:
+        """Whether this is a whole-model call (`module` None) and every delta, of which there is
+        one at least, is already `attached` (True) or detached (False)."""
+        return (
+            module is None
+            and bool(self.attachments)
+            and all(attachment.attached == attached for attachment in self.attachments)
+        )
 
     def _in_scope(self, module, attached: bool, action: str) -> list[Attachment]:
         prefix = None if module is None else self._name_of(module)
@@ -693,3 +827,50 @@ def _keep_trainable_tensors(module, state_dict, prefix, local_metadata) -> None:
     }
     for key in [key for key in state_dict if key.startswith(prefix) and key not in trainable]:
         del state_dict[key]
+
+
+def _has_forward_protocol(delta: nn.Module) -> bool:
+    """Whether `delta` is an OpenDelta-style sequential module (pre_forward / post_forward) rather
+    than one of fastdelta's deltas."""
+    return not isinstance(delta, DeltaLayer) and (
+        callable(getattr(delta, "pre_forward", None))
+        or callable(getattr(delta, "post_forward", None))
+    )
+
+
+def _hook_protocol(host: nn.Module, attachment: Attachment) -> None:
+    """Register on `host` the hooks that run the attached delta's pre_forward / post_forward."""
+    if callable(getattr(attachment.delta, "pre_forward", None)):
+        hook = _PreForward(attachment.delta_name)
+        attachment.hooks.append(host.register_forward_pre_hook(hook, with_kwargs=True))
+    if callable(getattr(attachment.delta, "post_forward", None)):
+        attachment.hooks.append(host.register_forward_hook(_PostForward(attachment.delta_name)))
+
+
+class _PreForward:
+    """A forward pre-hook calling `pre_forward` of the host's delta `delta_name`, which returns
+    the (args, kwargs) the host is called with (OpenDelta's protocol). It finds the delta through
+    the host, so deep copies, pickles and DataParallel replicas run their own."""
+
+    def __init__(self, delta_name: str):
+        self.delta_name = delta_name
+
+    def __call__(self, host: nn.Module, args: tuple, kwargs: dict):
+        result = host._modules[self.delta_name].pre_forward(*args, **kwargs)
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
+            raise TypeError(
+                f"{type(host._modules[self.delta_name]).__name__}.pre_forward must return "
+                f"(args, kwargs), as in OpenDelta, got {type(result).__name__}"
+            )
+        return tuple(result[0]), result[1]
+
+
+class _PostForward:
+    """A forward hook calling `post_forward` of the host's delta `delta_name` on the host's
+    output, which it replaces (OpenDelta's protocol)."""
+
+    def __init__(self, delta_name: str):
+        self.delta_name = delta_name
+
+    def __call__(self, host: nn.Module, args: tuple, output):
+        return host._modules[self.delta_name].post_forward(output)

@@ -5,13 +5,14 @@ trained in place included) and the backbone's trained tensors outside every delt
 never the deltas of another delta model on the same backbone. Loading checks every config field
 the deltas depend on, and every key, shape and dtype; the delta model is built and loaded whole,
 or the backbone is left as it was. The file formats are fastdelta.saving's and
-fastdelta.peft_format's (on fastdelta.checkpoint_io), which this module calls; they never import
-a delta model.
+fastdelta.peft_format's (on fastdelta.checkpoint_io), which this module calls, and OpenDelta's
+(fastdelta.opendelta_checkpoint, read only); they never import a delta model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,14 @@ from fastdelta.delta_models.config import config_class_for
 from fastdelta.injection import detach_delta
 from fastdelta.layers.base import delta_parameter_names
 from fastdelta.layers.lora import LoraDelta
+from fastdelta.opendelta_checkpoint import (
+    opendelta_arguments,
+    opendelta_names,
+    opendelta_targets,
+    read_opendelta_config,
+    read_opendelta_tensors,
+    rename_tensors,
+)
 from fastdelta.peft_format import (
     lora_arguments,
     peft_config,
@@ -67,6 +76,8 @@ class Checkpoint:
     targets: list[str] | None  # the modules the deltas were attached to (None: not recorded)
     head: list[str] | None  # the backbone tensors it holds besides the deltas (None: any)
     frozen: list[str]  # the tensors that were frozen when saved
+    # "opendelta": `tensors` are keyed by OpenDelta's names, renamed once the deltas are built.
+    format: str = "fastdelta"
 
     @property
     def delta_type(self) -> str:
@@ -226,8 +237,12 @@ def _save_peft(delta_model, path, owned: dict, head: dict) -> Path:
 def read_arguments(path: str | Path) -> dict[str, Any]:
     """The delta config arguments (with delta_type) of the checkpoint directory `path`."""
     source = directory_path(path)
-    if checkpoint_format(source) == "peft":
+    found = checkpoint_format(source)
+    if found == "peft":
         return lora_arguments(read_peft_config(source), None)
+    if found == "opendelta":
+        arguments, _ = opendelta_arguments(read_opendelta_config(source), source)
+        return arguments
     arguments, _ = split_config(read_config(source))
     _check_complete(arguments, source)
     return arguments
@@ -263,6 +278,8 @@ def read_checkpoint(path: str | Path, backbone: nn.Module) -> Checkpoint:
         ]
         arguments = lora_arguments(config, targets, backbone)
         return Checkpoint(source, arguments, read_peft_tensors(source), None, head, [])
+    if checkpoint_format(source) == "opendelta":
+        return _read_opendelta(source, backbone)
     arguments, metadata = split_config(read_config(source))
     _check_complete(arguments, source)
     check_backbone(metadata, backbone, source)
@@ -274,6 +291,82 @@ def read_checkpoint(path: str | Path, backbone: nn.Module) -> Checkpoint:
         metadata.get("head_tensors"),
         metadata["frozen_tensors"],
     )
+
+
+def _read_opendelta(source: Path, backbone: nn.Module) -> Checkpoint:
+    """An OpenDelta checkpoint, its config's modified_modules and exclude_modules resolved to the
+    modules of `backbone` OpenDelta modified, which the deltas are built on by name."""
+    arguments, metadata = opendelta_arguments(read_opendelta_config(source), source)
+    check_backbone(metadata, backbone, source)
+    targets = opendelta_targets(backbone, arguments)
+    arguments = {
+        **arguments,
+        "modified_modules": targets,
+        "exclude_modules": None,
+        "common_structure": False,
+    }
+    tensors = _without_unchanged_buffers(read_opendelta_tensors(source), backbone, source)
+    return Checkpoint(source, arguments, tensors, None, None, [], "opendelta")
+
+
+def _fastdelta_tensors(delta_model, checkpoint: Checkpoint) -> tuple[dict, list[str]]:
+    """(the checkpoint's tensors keyed by fastdelta's names, the tensors to leave frozen).
+
+    An OpenDelta checkpoint's delta tensors are renamed (`opendelta_names`); its other tensors
+    are the backbone's, a trained head. A file holding every backbone parameter is a whole
+    state dict (saved with set_state_dict=False), which does not say what trained: its backbone
+    tensors load frozen, with a warning."""
+    if checkpoint.format != "opendelta":
+        return checkpoint.tensors, checkpoint.frozen
+    backbone = delta_model.backbone_model
+    names = {}
+    for attachment in delta_model.attachments:
+        host = backbone.get_submodule(attachment.host_name)
+        prefix = f"{attachment.host_name}." if attachment.host_name else ""
+        for parameter_name, _ in attachment.delta.named_parameters():
+            saved = opendelta_names(
+                delta_model.delta_type, host, attachment.delta_name, parameter_name
+            )
+            names[f"{prefix}{attachment.delta_name}.{parameter_name}"] = tuple(
+                prefix + name for name in saved
+            )
+        for parameter_name in getattr(attachment.delta, "host_parameter_names", ()):
+            names[prefix + parameter_name] = (prefix + parameter_name,)
+    tensors = rename_tensors(checkpoint.tensors, names, checkpoint.source)
+    head = sorted(set(tensors) - set(names))
+    backbone_tensors = {name for name, _ in backbone.named_parameters()}
+    backbone_tensors -= delta_parameter_names(backbone)
+    if head and backbone_tensors <= set(head):
+        warnings.warn(
+            f"{checkpoint.source} holds every tensor of the backbone (OpenDelta saved it with "
+            "freeze_module(set_state_dict=False)), so which of them trained is not recorded: "
+            "they are loaded and left frozen, and the deltas train. Call "
+            "delta_model.freeze_module(exclude=['deltas', <head>]) to train a head too",
+            stacklevel=4,
+        )
+        return tensors, head
+    return tensors, []
+
+
+def _without_unchanged_buffers(tensors: dict, backbone: nn.Module, source: Path) -> dict:
+    """`tensors` without the backbone's buffers, which a whole state dict holds: equal to the
+    backbone's own, they carry nothing; different ones are refused by name (the backbone is
+    not the one the checkpoint was saved from)."""
+    buffers = dict(backbone.named_buffers())
+    held = [name for name in tensors if name in buffers]
+    differing = [
+        name
+        for name in held
+        if tensors[name].shape != buffers[name].shape
+        or not torch.equal(tensors[name].to(buffers[name].device), buffers[name])
+    ]
+    if differing:
+        raise ValueError(
+            f"The delta checkpoint {str(source)!r} holds buffers of the backbone with other "
+            f"values than this {type(backbone).__name__}'s: {', '.join(sorted(differing)[:5])}. "
+            "It was saved from another backbone: load it onto the one it was trained on"
+        )
+    return {name: tensor for name, tensor in tensors.items() if name not in buffers}
 
 
 def build_from_checkpoint(
@@ -432,13 +525,14 @@ def _check_targets(delta_model, checkpoint: Checkpoint) -> None:
 def _load(delta_model, checkpoint: Checkpoint) -> None:
     backbone = delta_model.backbone_model
     owned = set(owned_parameters(delta_model))
+    tensors, frozen = _fastdelta_tensors(delta_model, checkpoint)
     load_tensors(
         backbone,
-        checkpoint.tensors,
+        tensors,
         checkpoint.source,
         description=f"{delta_model.delta_type} model",
         owned=owned,
         foreign=delta_parameter_names(backbone) - owned,
         head=checkpoint.head,
-        frozen=checkpoint.frozen,
+        frozen=frozen,
     )

@@ -107,7 +107,8 @@ class CompacterModel(DeltaBase):
     them frozen, as OpenDelta does, and a checkpoint holds them as frozen tensors.
     `kronecker_prod` only chose how OpenDelta computed the same sum of Kronecker products; it is
     kept in the config and changes nothing. A delta's tensors are
-    `<target>.compacter.{down,up}_sampler.{phm_rule,W_left,W_right,b}` (OpenDelta's names).
+    `<target>.compacter.{down,up}_sampler.{phm_rule,W_left,W_right,b}` (OpenDelta's, which spells
+    the module `compactor`; its checkpoints load through that mapping).
     """
 
     config_class = CompacterConfig

@@ -1,0 +1,2 @@
+"""OpenDelta's `opendelta.utils` import paths: `fastdelta.utils.inspect` and
+`fastdelta.utils.visualization`."""
