@@ -4,33 +4,48 @@ from fastdelta import LoraModel
 delta_model = LoraModel(backbone_model=model, modified_modules=["query", "value"])
 delta_model.freeze_module()
 
-`DeltaTrainer` (a transformers.Trainer whose checkpoints hold the deltas only) is imported on
-first use, since importing transformers' Trainer takes seconds; it is left out of `__all__`, so
-`from fastdelta import *` (OpenDelta scripts' habit) does not import it either.
+The names below load on first use (PEP 562), so `import fastdelta.cli` (the `fastdelta`
+command) parses its arguments before torch and transformers are imported, and `--help` is
+instant. `DeltaTrainer` (a transformers.Trainer whose checkpoints hold the deltas only) is left
+out of `__all__`: importing transformers' Trainer takes seconds, and `from fastdelta import *`
+(OpenDelta scripts' habit) should not.
 """
 
-from fastdelta.delta_models import (
-    AdapterConfig,
-    AdapterModel,
-    AutoDeltaConfig,
-    AutoDeltaModel,
-    BaseDeltaConfig,
-    BitFitConfig,
-    BitFitModel,
-    CompacterConfig,
-    CompacterModel,
-    DeltaBase,
-    LoraConfig,
-    LoraModel,
-    LowRankAdapterConfig,
-    LowRankAdapterModel,
-    ParallelAdapterConfig,
-    ParallelAdapterModel,
-)
-from fastdelta.ops.backend import get_backend, set_backend
-from fastdelta.structures import supported_architectures
+from __future__ import annotations
+
+import importlib
+
 from fastdelta.version import __version__
-from fastdelta.visualization import Visualization
+
+# Each public name and the module that defines it.
+_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "AdapterConfig",
+            "AdapterModel",
+            "AutoDeltaConfig",
+            "AutoDeltaModel",
+            "BaseDeltaConfig",
+            "BitFitConfig",
+            "BitFitModel",
+            "CompacterConfig",
+            "CompacterModel",
+            "DeltaBase",
+            "LoraConfig",
+            "LoraModel",
+            "LowRankAdapterConfig",
+            "LowRankAdapterModel",
+            "ParallelAdapterConfig",
+            "ParallelAdapterModel",
+        ),
+        "fastdelta.delta_models",
+    ),
+    "get_backend": "fastdelta.ops.backend",
+    "set_backend": "fastdelta.ops.backend",
+    "supported_architectures": "fastdelta.structures",
+    "Visualization": "fastdelta.visualization",
+    "DeltaTrainer": "fastdelta.integrations",
+}
 
 __all__ = [
     "AdapterConfig",
@@ -58,8 +73,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "DeltaTrainer":
-        from fastdelta.integrations import DeltaTrainer
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastdelta' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return DeltaTrainer
-    raise AttributeError(f"module 'fastdelta' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

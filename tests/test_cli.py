@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,25 +114,39 @@ def test_the_delta_types_of_inspect_are_the_delta_models():
 
 
 def test_help_is_answered_before_torch_is_imported(tmp_path):
-    """`fastdelta --help` parses its arguments before importing torch, transformers or the
-    delta models: fastdelta.cli itself imports none of them (the package's __init__ does)."""
+    """`fastdelta --help` (the console script imports fastdelta.cli, so the package too) parses
+    its arguments before importing torch, transformers or the delta models: the package loads
+    its names on first use."""
     script = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('cli', {str(cli.__file__)!r})\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
+        "import sys\n"
+        "from fastdelta.cli import main\n"
         "try:\n"
-        "    module.main(['--help'])\n"
+        "    main(['--help'])\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = [name for name in ('torch', 'transformers', 'fastdelta') if name in sys.modules]\n"
+        "heavy = [name for name in ('torch', 'transformers') if name in sys.modules]\n"
         "print('imported:', heavy)\n"
     )
+    root = str(Path(cli.__file__).parents[1])
     completed = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+        env={**os.environ, "PYTHONPATH": root},
     )
     assert "inspect" in completed.stdout
     assert "imported: []" in completed.stdout
+
+
+def test_the_packages_lazy_names_are_its_public_names():
+    import fastdelta
+
+    lazy = set(fastdelta._EXPORTS) - {"DeltaTrainer"}
+    assert set(fastdelta.__all__) == lazy | {"__version__"}
+    for name in fastdelta.__all__:
+        assert getattr(fastdelta, name) is not None
 
 
 def test_bench_help_lists_its_options(capsys):
