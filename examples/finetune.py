@@ -42,7 +42,7 @@ LABELS = ("negative", "neutral", "positive")
 DELTAS = {
     "lora": ({"modified_modules": ["attn@.q@", "attn@.v@", "ff@.w1@"], "lora_r": 8}, 1e-3),
     "adapter": ({"bottleneck_dim": 32}, 2e-3),
-    "parallel_adapter": ({"bottleneck_dim": 32, "modified_modules": ["ff@"]}, 1e-3),
+    "parallel_adapter": ({"bottleneck_dim": 32, "modified_modules": ["ff@", "ff@"]}, 1e-3),
     "bitfit": ({}, 3e-3),
 }
 # The classification head that trains with the deltas: the new classifier and the pooler under

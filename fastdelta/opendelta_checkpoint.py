@@ -116,7 +116,7 @@ def read_opendelta_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 def opendelta_arguments(config: dict[str, Any], source: Path) -> tuple[dict[str, Any], dict]:
     """(fastdelta's delta arguments with delta_type, the checkpoint's metadata) of an OpenDelta
     config.json dict. The arguments keep OpenDelta's `modified_modules` (its defaults where it
-    wrote none, a parallel adapter's pairs as single entries) and `exclude_modules`;
+    wrote none; a parallel adapter's are pairs) and `exclude_modules`;
     `opendelta_targets` applies them as OpenDelta did."""
     delta_type = config["delta_type"]
     if delta_type not in DELTA_ARGUMENTS:
@@ -142,43 +142,68 @@ def opendelta_arguments(config: dict[str, Any], source: Path) -> tuple[dict[str,
         arguments["modified_modules"] = list(DEFAULT_MODIFIED_MODULES[delta_type])
         arguments["common_structure"] = True
     if delta_type == "parallel_adapter":
-        arguments["modified_modules"] = _parallel_targets(arguments["modified_modules"], source)
+        _check_pairs(arguments["modified_modules"], source)
     # OpenDelta's delta models take common_structure=None, meaning False, and save it so.
     if arguments.get("common_structure") is None:
         arguments["common_structure"] = False
     return arguments, metadata
 
 
-def _parallel_targets(entries: list[str], source: Path) -> list[str]:
-    """A parallel adapter's modified_modules are pairs (the module whose input the adapter reads,
-    the one whose output it adds to); fastdelta's parallel adapter spans one module, so each pair
-    must name one module twice."""
-    pairs = [entries[index : index + 2] for index in range(0, len(entries), 2)]
-    spanning = [pair for pair in pairs if len(pair) != 2 or pair[0] != pair[1]]
-    if spanning:
+def _check_pairs(entries: Any, source: Path) -> None:
+    """A parallel adapter's modified_modules are pairs (the module whose input an adapter reads,
+    the one whose output it adds to): an odd number of entries is refused."""
+    if isinstance(entries, list) and len(entries) % 2:
         raise ValueError(
-            f"{source / CONFIG_NAME} pairs the parallel adapter's modules as {spanning[0]}: an "
-            "adapter from one module's input to another module's output, which fastdelta's "
-            "ParallelAdapterModel (each adapter on one module) cannot load. Only pairs that "
-            "name one module twice, such as ['attn@', 'attn@'], load"
+            f"{source / CONFIG_NAME} gives the parallel adapter modified_modules {entries}, an "
+            "odd number of entries, but OpenDelta reads them as (input module, output module) "
+            "pairs: the file was edited; restore the pairs the deltas were trained with"
         )
-    return list(dict.fromkeys(pair[0] for pair in pairs))
 
 
 def opendelta_targets(backbone: nn.Module, arguments: dict[str, Any]) -> list[str]:
     """The names of the modules of `backbone` OpenDelta modified for `arguments`: those a
     modified_modules entry selects (whole-segment suffixes, `[r]` regexes, common-structure
     names), less those whose names start with an exclude_modules entry (OpenDelta's rule for
-    excluding, which its default ["lm_head"] relies on)."""
+    excluding, which its default ["lm_head"] relies on). For a parallel adapter, the pairs
+    [input_0, output_0, ...] of module names, the i-th module each entry of a pair selects
+    paired with the i-th of the other."""
     addresses = ModuleAddresses(backbone)
-    selected = addresses.select(arguments["modified_modules"], every_entry_must_match=False)
     excluded = tuple(arguments.get("exclude_modules") or ())
-    targets = [name for name in selected if not name.startswith(excluded)]
+    entries = arguments["modified_modules"]
+    if arguments.get("delta_type") == "parallel_adapter":
+        targets = _opendelta_pairs(addresses, entries, excluded)
+    else:
+        selected = addresses.select(entries, every_entry_must_match=False)
+        targets = [name for name in selected if not name.startswith(excluded)]
     if not targets:
         raise ValueError(
             f"exclude_modules {list(excluded)} exclude every module that modified_modules "
-            f"{arguments['modified_modules']} select on this {type(backbone).__name__}"
+            f"{entries} select on this {type(backbone).__name__}"
         )
+    return targets
+
+
+def _opendelta_pairs(addresses: ModuleAddresses, entries: list[str], excluded: tuple) -> list[str]:
+    """[input_0, output_0, input_1, ...]: for each pair of `entries`, the i-th module its first
+    entry selects with the i-th its second selects, less those `excluded` names start with."""
+    targets = []
+    for first, second in zip(entries[::2], entries[1::2], strict=True):
+        inputs, outputs = (
+            [
+                name
+                for name in addresses.modules
+                if name and addresses.matches(name, entry) and not name.startswith(excluded)
+            ]
+            for entry in (first, second)
+        )
+        if len(inputs) != len(outputs):
+            raise ValueError(
+                f"The parallel adapter pair ({first!r}, {second!r}) selects {len(inputs)} input "
+                f"and {len(outputs)} output modules on this {type(addresses.model).__name__}, "
+                "which cannot be paired in order: the checkpoint was trained on another "
+                "backbone; load it onto the one it was trained on"
+            )
+        targets.extend(name for pair in zip(inputs, outputs, strict=True) for name in pair)
     return targets
 
 

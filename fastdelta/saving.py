@@ -34,8 +34,10 @@ from fastdelta.version import __version__
 
 WEIGHTS_NAME = "delta.safetensors"
 # Bumped when a checkpoint written by this version cannot be read by an older one. Format 2
-# added `head_tensors`.
-FORMAT_VERSION = 2
+# added `head_tensors`. Format 3 reads a parallel adapter's modified_modules as OpenDelta does,
+# as (input module, output module) pairs, and records an adapter spanning two modules in
+# `targets` as "<input module> -> <output module>"; `upgraded_arguments` reads older ones.
+FORMAT_VERSION = 3
 # config.json keys that describe the checkpoint rather than the delta model's arguments.
 METADATA_KEYS = (
     "format_version",
@@ -52,7 +54,10 @@ METADATA_KEYS = (
 REQUIRED_METADATA = {
     1: {"backbone_class": str, "targets": list, "frozen_tensors": list},
     2: {"backbone_class": str, "targets": list, "frozen_tensors": list, "head_tensors": list},
+    3: {"backbone_class": str, "targets": list, "frozen_tensors": list, "head_tensors": list},
 }
+# A parallel adapter's default modified_modules before format 3, one module per adapter.
+FORMAT_2_PARALLEL_ADAPTER_MODULES = ("attn@", "ff@")
 
 
 # Writing
@@ -171,7 +176,23 @@ def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     """(delta arguments with delta_type, checkpoint metadata) of a config.json dict."""
     arguments = {k: v for k, v in config.items() if k not in METADATA_KEYS}
     metadata = {k: v for k, v in config.items() if k in METADATA_KEYS}
-    return arguments, metadata
+    return upgraded_arguments(arguments, metadata["format_version"]), metadata
+
+
+def upgraded_arguments(arguments: dict[str, Any], version: int) -> dict[str, Any]:
+    """The delta arguments of a format-`version` checkpoint as this version reads them.
+
+    Before format 3 a parallel adapter's modified_modules named one module per adapter (by
+    default ["attn@", "ff@"]): each entry becomes a pair of itself, an adapter across that
+    module, which builds the same deltas on the same modules (the saved targets)."""
+    if version >= 3 or arguments.get("delta_type") != "parallel_adapter":
+        return arguments
+    entries = arguments.get("modified_modules")
+    if entries is None:
+        entries = FORMAT_2_PARALLEL_ADAPTER_MODULES
+    if not isinstance(entries, (list, tuple)):
+        return arguments  # the config's own check names the damaged value
+    return {**arguments, "modified_modules": [entry for entry in entries for _ in range(2)]}
 
 
 def check_backbone(metadata: dict[str, Any], backbone: nn.Module, path: str | Path) -> None:

@@ -43,7 +43,7 @@ def every_delta_type(model: nn.Module) -> None:
     and the feed-forward, a parallel adapter on the feed-forward's first layer, and BitFit."""
     LoraModel(model, modified_modules=["query", "value"])
     AdapterModel(model)
-    ParallelAdapterModel(model, modified_modules=["intermediate.dense"])
+    ParallelAdapterModel(model, modified_modules=["intermediate.dense"] * 2)
     BitFitModel(model, modified_modules=["output.LayerNorm"]).freeze_module()
     nudge_deltas(model)
 
@@ -87,7 +87,7 @@ DELTA_LAYERS = {
     ),
     "parallel_adapter": (
         lambda: nn.Linear(IN_FEATURES, OUT_FEATURES),
-        lambda backbone: ParallelAdapterModel(backbone, modified_modules=["host"]),
+        lambda backbone: ParallelAdapterModel(backbone, modified_modules=["host", "host"]),
     ),
     "bitfit-new-bias": (
         lambda: nn.Linear(IN_FEATURES, OUT_FEATURES, bias=False),

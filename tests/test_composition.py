@@ -238,7 +238,8 @@ def test_attach_that_fails_part_way_takes_back_what_it_attached(delta_type):
     expected = output(model, "bert")
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     taken = first.attachments[-1].host_name
-    second = DELTA_CLASSES[delta_type](model, modified_modules=[taken])
+    copies = 2 if delta_type == "parallel_adapter" else 1  # a pair: one module's input to output
+    second = DELTA_CLASSES[delta_type](model, modified_modules=[taken] * copies)
     with_second = output(model, "bert")
 
     with pytest.raises(ValueError, match=rf"{taken} \(\w+\) already has a '{delta_type}'"):

@@ -65,6 +65,9 @@ SETTINGS = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+# The parallel adapter walks one-module pairs (each module's input to its output), whose hosts
+# this test tracks one by one; pairs across two modules are test_parallel_adapter_pairs.py's.
+PARALLEL_ADAPTER_MODULES = ["attn@", "attn@"]
 # float32; merging rounds W + s B A once, so a merged model differs in the last bits.
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -102,12 +105,18 @@ def rebuild(architecture: str, records: list[Record]) -> nn.Module:
     for record in records:
         if not record.attached:
             continue
-        DELTA_CLASSES[record.kind](model, modified_modules=record.attached)
+        DELTA_CLASSES[record.kind](model, modified_modules=modified_modules(record))
         with torch.no_grad():
             for host in record.attached:
                 for name, value in record.values[host].items():
                     model.get_parameter(name).copy_(value)
     return model
+
+
+def modified_modules(record: Record) -> list[str]:
+    """The entries that build `record`'s attached deltas (a parallel adapter's as pairs)."""
+    copies = 2 if record.kind == "parallel_adapter" else 1
+    return [host for host in record.attached for _ in range(copies)]
 
 
 def in_scope(hosts, scope: str | None) -> list[str]:
@@ -130,7 +139,10 @@ class DeltaWalk(RuleBasedStateMachine):
     @initialize(order=st.permutations(KINDS), seed=st.integers(0, 2**16))
     def build(self, order, seed):
         for index, kind in enumerate(order):
-            delta_model = DELTA_CLASSES[kind](self.model)
+            arguments = (
+                {"modified_modules": PARALLEL_ADAPTER_MODULES} if kind == "parallel_adapter" else {}
+            )
+            delta_model = DELTA_CLASSES[kind](self.model, **arguments)
             delta_model.freeze_module()
             randomize(owned_parameters(delta_model), seed + index)
             record = Record(kind, delta_model, {})

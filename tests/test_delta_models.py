@@ -44,7 +44,7 @@ from fastdelta import (
     ParallelAdapterModel,
     Visualization,
 )
-from fastdelta.layers.adapter import AdapterDelta
+from fastdelta.layers.adapter import AdapterDelta, InputTap, SpanningAdapterDelta
 from fastdelta.layers.base import delta_parameter_names
 from fastdelta.ops import _extension
 from fastdelta.ops import backend as backend_module
@@ -86,11 +86,9 @@ BITFIT_SEQ2SEQ = L * BITFIT_LAYER + L * (BITFIT_LAYER + H) + 2 * H  # + two fina
 BERT_LIKE = {
     "lora": L * 2 * lora_count(H, H),
     "adapter": L * 2 * adapter_count(H),
-    # attention (H -> H), intermediate (H -> FF) and BertOutput (FF -> H) are all ff@ / attn@
-    "parallel_adapter": L
-    * (
-        parallel_adapter_count(H, H) + parallel_adapter_count(H, FF) + parallel_adapter_count(FF, H)
-    ),
+    # OpenDelta's pairs: attention's input -> its output, and ff.w1's input (intermediate.dense,
+    # H) -> ff.w2's output (output.dense, H)
+    "parallel_adapter": L * 2 * parallel_adapter_count(H, H),
     "bitfit": L * BITFIT_LAYER,
 }
 LLAMA_LIKE = {
@@ -110,8 +108,7 @@ EXPECTED_DELTA_PARAMETERS = {
     "roberta": BERT_LIKE,
     # + the relative-position projections pos_key_proj and pos_query_proj inside attn@
     "deberta-v2": {**BERT_LIKE, "bitfit": L * (BITFIT_LAYER + 2 * H)},
-    # attention and ffn (H -> H each)
-    "distilbert": {**BERT_LIKE, "parallel_adapter": L * 2 * parallel_adapter_count(H, H)},
+    "distilbert": BERT_LIKE,
     # c_attn holds q, k and v (H -> 3H): selected once per layer; + final norm ln_f
     "gpt2": {
         "lora": L * lora_count(H, 3 * H),
@@ -119,16 +116,15 @@ EXPECTED_DELTA_PARAMETERS = {
         "parallel_adapter": L * 2 * parallel_adapter_count(H, H),
         "bitfit": L * BITFIT_LAYER + H,
     },
-    # fc1/fc2 sit in the layer, so there is no ff@ module for a parallel adapter
     "opt": {
         "lora": L * 2 * lora_count(H, H),
         "adapter": L * 2 * adapter_count(H),
-        "parallel_adapter": L * parallel_adapter_count(H, H),
+        "parallel_adapter": L * 2 * parallel_adapter_count(H, H),
         "bitfit": L * BITFIT_LAYER + H,
     },
     "bart": {
         **SEQ2SEQ,
-        "parallel_adapter": 2 * L * parallel_adapter_count(H, H),
+        "parallel_adapter": 2 * L * 2 * parallel_adapter_count(H, H),
         "bitfit": BITFIT_SEQ2SEQ,
     },
     "t5": {
@@ -227,9 +223,20 @@ def test_fresh_adapters_change_outputs_only_slightly(architecture, delta_type):
     before = first_output(model(**inputs))
     DELTA_MODELS[delta_type](model)
     calls = []
+    inputs_kept = {}
     for module in model.modules():
-        if isinstance(module, AdapterDelta):
-            module.register_forward_hook(lambda _, args, output: calls.append((args, output)))
+        if isinstance(module, InputTap):
+            module.register_forward_hook(lambda tap, args, _: inputs_kept.update({tap: args[0]}))
+        if isinstance(module, SpanningAdapterDelta):
+            module.register_forward_hook(
+                lambda delta, args, output: calls.append(
+                    (inputs_kept[delta.input_tap], args[0], output)
+                )
+            )
+        elif isinstance(module, AdapterDelta):
+            module.register_forward_hook(
+                lambda _, args, output: calls.append((args[0], args[-1], output))
+            )
     after = first_output(model(**inputs))
 
     assert not torch.equal(after, before)
@@ -237,8 +244,7 @@ def test_fresh_adapters_change_outputs_only_slightly(architecture, delta_type):
     # Weights normal(0, 0.01): each adapter adds well under 2% of its input's scale to its
     # residual. (Measured per adapter: end to end, the tiny random backbones' small residual
     # streams amplify it after the final norm.)
-    for args, output in calls:
-        hidden, residual = args[0], args[-1]
+    for hidden, residual, output in calls:
         added = (output - residual).abs().max()
         assert 0 < added < 0.02 * hidden.abs().max()
 
@@ -355,7 +361,7 @@ def test_exclude_modules_applies_to_default_targets(delta_type):
 
 SELECTIONS = [
     # (architecture, delta type, modified_modules, hosts selected)
-    ("gpt2", "parallel_adapter", ["attn"], ["h.0.attn", "h.1.attn"]),  # not c_attn
+    ("gpt2", "parallel_adapter", ["attn", "attn"], ["h.0.attn", "h.1.attn"]),  # not c_attn
     ("gpt2", "lora", ["c_attn"], ["h.0.attn.c_attn", "h.1.attn.c_attn"]),
     (
         "bert",
@@ -442,6 +448,18 @@ def test_opendelta_default_adapter_on_bert_base(bert_base):
         f"encoder.layer.{i}.{name}.dense"
         for i in range(12)
         for name in ("attention.output", "output")
+    ]
+
+
+def test_opendelta_default_parallel_adapter_on_bert_base(bert_base):
+    # Two adapters per layer: attention's input -> its output (768 -> 768), and ff.w1's input
+    # (intermediate.dense, 768) -> ff.w2's output (output.dense, 768).
+    delta_model = ParallelAdapterModel(bert_base)
+    assert delta_model.num_delta_parameters() == 903_744 == 12 * 2 * (2 * 768 * 24 + 24 + 768)
+    assert [a.target for a in delta_model.attachments if a.role != "before"] == [
+        f"encoder.layer.{i}.attention" for i in range(12)
+    ] + [
+        f"encoder.layer.{i}.intermediate.dense -> encoder.layer.{i}.output.dense" for i in range(12)
     ]
 
 
@@ -574,7 +592,8 @@ def test_second_delta_of_the_same_kind_fails_and_rolls_back(delta_type):
     model = tiny_model("bert")
     inputs = tiny_inputs("bert")
     target = SECOND_DELTA_TARGETS[delta_type]
-    DELTA_MODELS[delta_type](model, modified_modules=[f"layer.1.{target}"])
+    copies = 2 if delta_type == "parallel_adapter" else 1  # a pair: one module's input to output
+    DELTA_MODELS[delta_type](model, modified_modules=[f"layer.1.{target}"] * copies)
     with torch.no_grad():
         for parameter in delta_parameters(model).values():
             parameter.normal_()
@@ -586,7 +605,7 @@ def test_second_delta_of_the_same_kind_fails_and_rolls_back(delta_type):
 
     # layer 0's module gets its delta before layer 1's fails: it must be taken off again
     with pytest.raises(ValueError, match=f"already has a '{delta_type}'"):
-        DELTA_MODELS[delta_type](model, modified_modules=[target])
+        DELTA_MODELS[delta_type](model, modified_modules=[target] * copies)
 
     assert dict(model.named_parameters()) == parameters_before
     assert delta_parameter_names(model) == deltas_before
@@ -720,7 +739,7 @@ def test_default_targets_on_an_unmapped_architecture_say_what_to_do(build, delta
     [
         (tiny_gpt_neox, "lora", ["query_key_value"], L * lora_count(H, 3 * H)),
         # sizes of GPTNeoXAttention blocks come from a pseudo forward on its dummy inputs
-        (tiny_gpt_neox, "parallel_adapter", ["attention"], L * parallel_adapter_count(H, H)),
+        (tiny_gpt_neox, "parallel_adapter", ["attention"] * 2, L * parallel_adapter_count(H, H)),
         (lambda: nn.Sequential(nn.Linear(H, H), nn.ReLU()), "lora", ["0"], lora_count(H, H)),
     ],
 )
@@ -773,7 +792,7 @@ class Custom(nn.Module):
 
 def test_pseudo_forward_finds_block_sizes():
     model = Custom()
-    ParallelAdapterModel(model, modified_modules=["block"], bottleneck_dim=3)
+    ParallelAdapterModel(model, modified_modules=["block", "block"], bottleneck_dim=3)
     adapter = model.block.parallel_adapter
     assert adapter.down_weight.shape == (3, 6)
     assert adapter.up_weight.shape == (5, 3)
@@ -785,7 +804,7 @@ def test_pseudo_forward_failure_names_the_module_and_input_and_chains_the_error(
     with pytest.raises(
         RuntimeError, match=r"block.*failed on the input tensor\[\[0, 0, 0\]\]"
     ) as error:
-        ParallelAdapterModel(model, modified_modules=["block"])
+        ParallelAdapterModel(model, modified_modules=["block", "block"])
     assert isinstance(error.value.__cause__, ValueError)
     assert str(error.value.__cause__) == "boom"
     assert not any(name.endswith("parallel_adapter") for name, _ in model.named_modules())
@@ -801,7 +820,7 @@ def test_pseudo_forward_runs_without_grad_in_eval_mode_and_restores_training_fla
             (torch.is_grad_enabled(), module.training, model.dropout.training)
         )
     )
-    ParallelAdapterModel(model, modified_modules=["block"])
+    ParallelAdapterModel(model, modified_modules=["block", "block"])
     assert seen == [(False, False, False)]
     assert {
         name: module.training
@@ -812,7 +831,7 @@ def test_pseudo_forward_runs_without_grad_in_eval_mode_and_restores_training_fla
 
 def test_pseudo_forward_that_never_reaches_a_target_names_it():
     with pytest.raises(RuntimeError, match="never called unused"):
-        ParallelAdapterModel(Custom(), modified_modules=["block", "unused"])
+        ParallelAdapterModel(Custom(), modified_modules=["block", "block", "unused", "unused"])
 
 
 # 10. log() and the counters

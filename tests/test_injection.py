@@ -573,7 +573,7 @@ def test_first_input_given_by_keyword_reaches_the_deltas(operation):
 
 
 def test_llama_attention_called_by_keyword_feeds_its_parallel_adapter():
-    model, _ = injected("llama", ParallelAdapterModel, modified_modules=["attn@"])
+    model, _ = injected("llama", ParallelAdapterModel, modified_modules=["attn@", "attn@"])
     perturb_deltas(model)
     inputs = tiny_inputs("llama")
     attention = model.get_submodule("layers.0.self_attn")
@@ -740,6 +740,6 @@ def test_a_trial_forward_runs_on_a_meta_device_backbone():
     # device (how `fastdelta inspect` builds a model without memory) it must still work.
     with torch.device("meta"):
         model = tiny_model("llama")
-    delta_model = ParallelAdapterModel(backbone_model=model, modified_modules=["attn@"])
+    delta_model = ParallelAdapterModel(backbone_model=model, modified_modules=["attn@", "attn@"])
     assert delta_model.num_trainable_parameters() > 0
     assert all(p.is_meta for p in delta_model.trainable_parameters())

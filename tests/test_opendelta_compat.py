@@ -478,11 +478,51 @@ def test_a_parallel_adapter_pair_on_one_module_loads(tmp_path):
     assert delta_model.config.scaled == 0.5
     assert len(delta_model.state_dict()) == 8
 
-    arguments["modified_modules"] = ["intermediate.dense", "output.dense"]
+
+def test_a_parallel_adapter_pair_across_two_modules_loads(tmp_path):
+    """OpenDelta registers a cross-module adapter on both modules: its state dict holds the
+    tensors under both names, which load into the one adapter on the output module."""
+    shapes = {}
+    for i in range(2):
+        for host in (f"encoder.layer.{i}.intermediate.dense", f"encoder.layer.{i}.output.dense"):
+            shapes[f"{host}.parallel_adapter.modulelist.down_proj.weight"] = (5, HIDDEN)
+            shapes[f"{host}.parallel_adapter.modulelist.down_proj.bias"] = (5,)
+            shapes[f"{host}.parallel_adapter.modulelist.up_proj.weight"] = (HIDDEN, 5)
+            shapes[f"{host}.parallel_adapter.modulelist.up_proj.bias"] = (HIDDEN,)
+    tensors = random_tensors(shapes, seed=9)
+    for name in list(tensors):  # the two names of one tensor hold one value
+        if ".output.dense." in name and "attention" not in name:
+            tensors[name] = tensors[name.replace(".output.dense.", ".intermediate.dense.")]
+    arguments = {
+        "bottleneck_dim": 5,
+        "non_linearity": "gelu_new",
+        "scaled": 0.5,
+        "modified_modules": ["intermediate.dense", "[r]layer\\.\\d+\\.output\\.dense"],
+    }
     path = write_opendelta_checkpoint(
-        tmp_path / "pair", opendelta_config("parallel_adapter", backbone, **arguments), tensors
+        tmp_path / "pair",
+        opendelta_config("parallel_adapter", tiny_model("bert"), **arguments),
+        tensors,
     )
-    with pytest.raises(ValueError, match="one module twice"):
+    delta_model = ParallelAdapterModel.from_finetuned(path, tiny_model("bert"))
+    state = delta_model.state_dict()
+    assert sorted(state) == sorted(
+        f"encoder.layer.{i}.output.dense.parallel_adapter.{name}"
+        for i in range(2)
+        for name in ("down_weight", "down_bias", "up_weight", "up_bias")
+    )
+    assert torch.equal(
+        state["encoder.layer.1.output.dense.parallel_adapter.down_weight"],
+        tensors["encoder.layer.1.intermediate.dense.parallel_adapter.modulelist.down_proj.weight"],
+    )
+
+    arguments["modified_modules"] = ["intermediate.dense"]
+    path = write_opendelta_checkpoint(
+        tmp_path / "odd",
+        opendelta_config("parallel_adapter", tiny_model("bert"), **arguments),
+        tensors,
+    )
+    with pytest.raises(ValueError, match="odd number of entries"):
         AutoDeltaModel.from_finetuned(path, backbone_model=tiny_model("bert"))
 
 

@@ -72,7 +72,7 @@ ARGUMENTS = {
         "bottleneck_dim": 5,
         "non_linearity": "relu",
         "scaled": 0.5,
-        "modified_modules": ["intermediate"],
+        "modified_modules": ["intermediate", "intermediate"],
         "exclude_modules": ["bert.encoder.layer.0.intermediate"],
     },
     "bitfit": {"modified_modules": ["attention"], "unfrozen_modules": ["deltas", "classifier"]},

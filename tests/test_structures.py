@@ -158,7 +158,7 @@ LAYOUTS = {
 DEFAULT_TARGETS = {
     "lora": ["attn@.q@", "attn@.v@"],
     "adapter": ["attn@.proj@", "ff@.w2@"],
-    "parallel_adapter": ["attn@", "ff@"],
+    "parallel_adapter": ["attn@", "attn@", "ff@.w1@", "ff@.w2@"],
     "bitfit": ["attn@", "ff@", "layer_norm@"],
 }
 

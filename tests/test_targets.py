@@ -57,7 +57,9 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
 IN_FORWARD = {
     "lora": lambda model: LoraModel(model, modified_modules=["out_proj"]),
     "adapter": lambda model: AdapterModel(model, modified_modules=["out_proj"]),
-    "parallel_adapter": lambda model: ParallelAdapterModel(model, modified_modules=["out_proj"]),
+    "parallel_adapter": lambda model: ParallelAdapterModel(
+        model, modified_modules=["out_proj", "out_proj"]
+    ),
     # Without a bias, BitFit would add one after out_proj's forward.
     "bitfit-added-bias": lambda model: BitFitModel(model, modified_modules=["out_proj"]),
 }

@@ -46,6 +46,14 @@ class Attachment:
     attached: bool = True
     # The host's hooks that run an OpenDelta-style delta's pre_forward / post_forward.
     hooks: list = field(default_factory=list)
+    # Attachments of one group (a delta spanning two modules) are detached and attached
+    # together; the group names them in a checkpoint's targets ("<input> -> <output>").
+    group: str | None = None
+
+    @property
+    def target(self) -> str:
+        """What a checkpoint records for this attachment: its group, else its host's name."""
+        return self.group or self.host_name
 
 
 # DeltaBase is not an nn.Module, though OpenDelta's is: its deltas are children of the backbone's
@@ -322,13 +330,30 @@ class DeltaBase:
         """Add `delta_module`'s function of the input of `module` to its output."""
         self._attach(module, delta_module, delta_name, "parallel")
 
+    def insert_spanning_module(
+        self,
+        input_module: str,
+        tap: nn.Module,
+        output_module: str,
+        delta_module: nn.Module,
+        delta_name: str,
+    ) -> None:
+        """Add `delta_module`'s function of the input of `input_module` to the output of the
+        later `output_module`: `tap` (parameterless) runs before `input_module` and keeps its
+        input, and `delta_module` runs after `output_module` and reads it. Its parameters are
+        named `<output_module>.<delta_name>.<name>`; the tap is `<input_module>.<delta_name>_input`.
+        The two form one group, which detach() and attach() take off and put back together."""
+        group = f"{input_module} -> {output_module}"
+        self._attach(input_module, tap, f"{delta_name}_input", "before", group)
+        self._attach(output_module, delta_module, delta_name, "after", group)
+
     def mark_delta_module(
         self, module: nn.Module | str, delta_module: nn.Module, delta_name: str | None = None
     ) -> None:
         """Attach a delta that takes no part in the forward (it trains host parameters)."""
         self._attach(module, delta_module, delta_name, None)
 
-    def _attach(self, module, delta_module, delta_name, role) -> None:
+    def _attach(self, module, delta_module, delta_name, role, group=None) -> None:
         host_name = module if isinstance(module, str) else self._name_of(module)
         host = self.backbone_model.get_submodule(host_name)
         delta_name = delta_name or getattr(delta_module, "delta_name", "delta")
@@ -338,7 +363,7 @@ class DeltaBase:
         check_target_runs(self.backbone_model, host_name, role)
         # The backbone itself has the empty name: error messages name it in words.
         attach_delta(host, delta_module, delta_name, role, host_name or "the backbone itself")
-        self.attachments.append(Attachment(host_name, delta_name, role, delta_module))
+        self.attachments.append(Attachment(host_name, delta_name, role, delta_module, group=group))
 
     def _name_of(self, module: nn.Module) -> str:
         for name, candidate in self.backbone_model.named_modules():
@@ -451,7 +476,19 @@ class DeltaBase:
             raise RuntimeError(
                 f"Nothing to {action}: no {state} delta of this {type(self).__name__}{where}"
             )
-        return selected
+        return self._with_whole_groups(selected, attached)
+
+    def _with_whole_groups(self, selected: list[Attachment], attached: bool) -> list[Attachment]:
+        """`selected` with the other attachments (in the same state) of each group it touches,
+        so that a delta spanning two modules is never half attached; in attachment order."""
+        chosen = {id(attachment) for attachment in selected}
+        groups = {attachment.group for attachment in selected if attachment.group}
+        return [
+            attachment
+            for attachment in self.attachments
+            if id(attachment) in chosen
+            or (attachment.group in groups and attachment.attached == attached)
+        ]
 
     # Freezing
 

@@ -148,7 +148,7 @@ def save_finetuned(delta_model, path: str | Path, format: str) -> Path:
         **delta_model.config.to_dict(),
         "backbone_class": backbone_class_name(backbone),
         "backbone_checkpoint_name": checkpoint_name(backbone),
-        "targets": [attachment.host_name for attachment in delta_model.attachments],
+        "targets": list(dict.fromkeys(attachment.target for attachment in delta_model.attachments)),
         "frozen_tensors": sorted(name for name, p in tensors.items() if not p.requires_grad),
         "head_tensors": sorted(head),
         "fastdelta_version": __version__,
@@ -328,7 +328,9 @@ def _fastdelta_tensors(delta_model, checkpoint: Checkpoint) -> tuple[dict, list[
                 delta_model.delta_type, host, attachment.delta_name, parameter_name
             )
             names[f"{prefix}{attachment.delta_name}.{parameter_name}"] = tuple(
-                prefix + name for name in saved
+                other + name
+                for other in _opendelta_prefixes(delta_model, attachment)
+                for name in saved
             )
         for parameter_name in getattr(attachment.delta, "host_parameter_names", ()):
             names[prefix + parameter_name] = (prefix + parameter_name,)
@@ -346,6 +348,17 @@ def _fastdelta_tensors(delta_model, checkpoint: Checkpoint) -> tuple[dict, list[
         )
         return tensors, head
     return tensors, []
+
+
+def _opendelta_prefixes(delta_model, attachment) -> list[str]:
+    """The prefixes OpenDelta saves `attachment`'s delta under: its host's, then those of the
+    other modules of its group (OpenDelta registers an adapter spanning two modules on both)."""
+    hosts = [attachment.host_name] + [
+        other.host_name
+        for other in delta_model.attachments
+        if attachment.group and other.group == attachment.group and other is not attachment
+    ]
+    return [f"{host}." if host else "" for host in hosts]
 
 
 def _without_unchanged_buffers(tensors: dict, backbone: nn.Module, source: Path) -> dict:
@@ -507,7 +520,7 @@ def load_into(delta_model, path: str | Path, allow_non_finite: bool = False) -> 
 def _check_targets(delta_model, checkpoint: Checkpoint) -> None:
     if checkpoint.targets is None:
         return
-    built = {attachment.host_name for attachment in delta_model.attachments}
+    built = {attachment.target for attachment in delta_model.attachments}
     saved = set(checkpoint.targets)
     if built != saved:
         differences = [

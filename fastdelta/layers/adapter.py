@@ -97,3 +97,58 @@ def _wider_than_autocast(tensor: torch.Tensor) -> bool:
         return False
     dtype = torch.get_autocast_dtype(device)
     return tensor.is_floating_point() and torch.promote_types(tensor.dtype, dtype) != dtype
+
+
+class InputTap(nn.Module):
+    """A parameterless "before" delta that keeps its host's input for a delta on a later
+    module (`SpanningAdapterDelta`), which takes it once; it hands the input on unchanged."""
+
+    delta_name = "parallel_adapter_input"
+    host_parameter_names: tuple[str, ...] = ()
+
+    def __init__(self, host_name: str):
+        super().__init__()
+        self.host_name = host_name
+        self.held: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.held = hidden
+        return hidden
+
+    def take(self, reader_name: str) -> torch.Tensor:
+        """The input kept by the last forward of the host, cleared so it is not kept alive."""
+        hidden = self.held
+        if hidden is None:
+            raise RuntimeError(
+                f"The parallel adapter on {reader_name} reads the input of {self.host_name}, "
+                f"but {self.host_name} did not run before {reader_name} in this forward: "
+                "pair modules that run in that order in one forward (modified_modules)"
+            )
+        self.held = None
+        return hidden
+
+    def clear(self) -> None:
+        """Drop a kept input (the delta was taken off before reading it)."""
+        self.held = None
+
+    def extra_repr(self) -> str:
+        return f"input of {self.host_name}"
+
+
+class SpanningAdapterDelta(AdapterDelta):
+    """A parallel adapter from one module's input to a later module's output: attached "after"
+    on the output module, it adds scaling * up(act(down(x))) to that module's output, x the
+    input its `input_tap` (attached "before" on the input module) kept in this forward. Its
+    parameters are AdapterDelta's, under the output module; the tap has none."""
+
+    def __init__(self, input_tap: InputTap, host_name: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.input_tap = input_tap
+        self.host_name = host_name
+
+    def forward(self, output: torch.Tensor) -> torch.Tensor:
+        """output: [..., out_features] of the output module."""
+        return super().forward(self.input_tap.take(self.host_name), output)
+
+    def on_detach(self, host: nn.Module) -> None:
+        self.input_tap.clear()
