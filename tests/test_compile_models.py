@@ -75,6 +75,27 @@ def test_model_with_every_delta_type_compiles_to_eager_results(backend):
         torch.testing.assert_close(gradients[name], gradient, msg=name)
 
 
+def test_parallel_adapters_across_two_modules_compile_to_eager_results():
+    # OpenDelta's default pairs: one adapter across each attention block, one from the
+    # feed-forward's first layer's input to its second layer's output (an input tap on one
+    # module, the adapter on another).
+    model = tiny_model("bert", num_hidden_layers=1, **NO_DROPOUT).train()
+    delta_model = ParallelAdapterModel(model)
+    delta_model.freeze_module()
+    assert any(attachment.group for attachment in delta_model.attachments)
+    nudge_deltas(model)
+    inputs = tiny_inputs("bert")
+    expected_output, expected_gradients = output_and_gradients(model, model, inputs)
+
+    compiled = torch.compile(model, backend="aot_eager")
+    output, gradients = output_and_gradients(model, compiled, inputs)
+
+    torch.testing.assert_close(output, expected_output)
+    assert {name for name in gradients if ".parallel_adapter." in name}
+    for name, gradient in expected_gradients.items():
+        torch.testing.assert_close(gradients[name], gradient, msg=name)
+
+
 # kind: (the host module, the delta model that puts that kind of delta on it).
 DELTA_LAYERS = {
     "lora-conv1d": (
