@@ -17,36 +17,6 @@ import importlib
 
 from fastdelta.version import __version__
 
-# Each public name and the module that defines it.
-_EXPORTS = {
-    **dict.fromkeys(
-        (
-            "AdapterConfig",
-            "AdapterModel",
-            "AutoDeltaConfig",
-            "AutoDeltaModel",
-            "BaseDeltaConfig",
-            "BitFitConfig",
-            "BitFitModel",
-            "CompacterConfig",
-            "CompacterModel",
-            "DeltaBase",
-            "LoraConfig",
-            "LoraModel",
-            "LowRankAdapterConfig",
-            "LowRankAdapterModel",
-            "ParallelAdapterConfig",
-            "ParallelAdapterModel",
-        ),
-        "fastdelta.delta_models",
-    ),
-    "get_backend": "fastdelta.ops.backend",
-    "set_backend": "fastdelta.ops.backend",
-    "supported_architectures": "fastdelta.structures",
-    "Visualization": "fastdelta.visualization",
-    "DeltaTrainer": "fastdelta.integrations",
-}
-
 __all__ = [
     "AdapterConfig",
     "AdapterModel",
@@ -70,6 +40,20 @@ __all__ = [
     "set_backend",
     "supported_architectures",
 ]
+
+# The module that defines each public name: the delta models' package unless named here.
+_DEFINED_ELSEWHERE = {
+    "get_backend": "fastdelta.ops.backend",
+    "set_backend": "fastdelta.ops.backend",
+    "supported_architectures": "fastdelta.structures",
+    "Visualization": "fastdelta.visualization",
+    "DeltaTrainer": "fastdelta.integrations",
+}
+_EXPORTS = {
+    name: _DEFINED_ELSEWHERE.get(name, "fastdelta.delta_models")
+    for name in [*__all__, "DeltaTrainer"]
+    if name != "__version__"
+}
 
 
 def __getattr__(name: str):
