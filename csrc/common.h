@@ -39,6 +39,31 @@ inline std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
   return result;
 }
 
+// The ops below are each a dispatcher call, a microsecond or more of host time on a small input
+// (measured on the CPU), so the kernels skip the ones that would change nothing.
+
+// t as [rows, last]: itself when it is 2-D, else a reshape (a view when its layout allows).
+inline at::Tensor as_2d(const at::Tensor& t, int64_t last) {
+  return t.dim() == 2 ? t : t.reshape({-1, last});
+}
+
+// A 2-D result t2d in the leading shape of `like` with `last` features.
+inline at::Tensor like_rows_of(const at::Tensor& t2d, const at::Tensor& like, int64_t last) {
+  return like.dim() == 2 ? t2d : t2d.view(with_last(like.sizes(), last));
+}
+
+// t in `dtype`: itself when it is already.
+inline at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+// alpha * a b for 2-D a, b: the GEMM's own alpha, not a product and a second pass.
+inline at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (alpha == 1.0) return at::mm(a, b);
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  return at::addmm_out(out, out, a, b, /*beta=*/0, alpha);  // beta = 0: out is not read
+}
+
 // The base weight as nn.Linear holds it, [N, K]: a transposed view of a Conv1D [K, N] weight.
 inline at::Tensor base_weight(const at::Tensor& weight, bool fan_in_fan_out) {
   return fan_in_fan_out ? weight.t() : weight;
@@ -46,7 +71,7 @@ inline at::Tensor base_weight(const at::Tensor& weight, bool fan_in_fan_out) {
 
 // Column sums of a 2-D tensor, accumulated in at least float32, in its dtype.
 inline at::Tensor sum_rows(const at::Tensor& t) {
-  return at::sum(t, {0}, false, accumulate_type(t.scalar_type())).to(t.scalar_type());
+  return cast(at::sum(t, {0}, false, accumulate_type(t.scalar_type())), t.scalar_type());
 }
 
 // The gradients of the base weight and bias (undefined when not needed), from 2-D dY and x.

@@ -1,7 +1,8 @@
 // The fastdelta_C operator library: the schemas of the cpp backend's ops. The CPU kernels are
-// registered in cpu/, the CUDA kernels in cuda/ (built only where CUDA is). The Python ops
-// fastdelta::lora_linear and fastdelta::adapter_bottleneck call these when the cpp backend is
-// chosen; nothing is registered against their schemas.
+// registered in cpu/, the CUDA kernels in cuda/ (built only where CUDA is), and lora_linear and
+// adapter_bottleneck, the forward ops with their derivatives, in autograd.cpp. The Python ops
+// fastdelta::lora_linear and fastdelta::adapter_bottleneck call the forward and backward ops
+// when the cpp backend is chosen; nothing is registered against their schemas.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastdelta_C, m) {
@@ -15,6 +16,11 @@ TORCH_LIBRARY(fastdelta_C, m) {
       "lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "Tensor xa, Tensor? seed, float scaling, float dropout_p, bool fan_in_fan_out, "
       "bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // y of lora_forward, differentiable (one autograd node whose backward is lora_backward). With
+  // dropout_p > 0 and no seed, the seed is drawn from torch's generator for x's device.
+  m.def(
+      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor? seed, float scaling, float dropout_p, bool fan_in_fan_out) -> Tensor");
   // The keep-mask (bool, `shape`) that the lora ops draw from seed for an input of `shape`.
   m.def("dropout_keep_mask(Tensor seed, int[] shape, float p) -> Tensor");
   // (out, pre): out = residual + scaling * (act(pre) U^T + b_u), pre = h D^T + b_d in float32
@@ -28,4 +34,9 @@ TORCH_LIBRARY(fastdelta_C, m) {
       "adapter_backward(Tensor grad_out, Tensor h, Tensor down_weight, Tensor up_weight, "
       "Tensor pre, float scaling, str activation, bool sequential, bool[5] needs) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // out of adapter_forward, differentiable (one autograd node whose backward is
+  // adapter_backward; a parallel adapter's residual receives the output's gradient).
+  m.def(
+      "adapter_bottleneck(Tensor h, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
+      "Tensor? up_bias, Tensor? residual, float scaling, str activation) -> Tensor");
 }

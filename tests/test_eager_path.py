@@ -110,3 +110,32 @@ def test_the_eager_path_shows_under_the_ops_name_in_a_profile(call, make, name):
         call(tensors).sum().backward()
     names = {event.name for event in profile.events()}
     assert {f"fastdelta::{name}", f"fastdelta::{name}_backward"} <= names
+
+
+@pytest.fixture
+def cpp(use_backend):
+    use_backend("cpp")
+
+
+def test_on_the_cpp_backend_the_eager_path_is_one_cpp_autograd_node(cpp):
+    out = ops.lora_linear(*lora_inputs(), 1.5, dropout_p=0.25)
+    assert "LoraLinearFunction" in out.grad_fn.name()
+    out = adapter_call(adapter_inputs())
+    assert "AdapterBottleneckFunction" in out.grad_fn.name()
+
+
+def test_the_cpp_eager_path_draws_the_dropout_seed_as_the_custom_op_does(cpp, monkeypatch):
+    """Without a seed, both paths draw one from torch's generator: the same manual_seed gives
+    the same mask."""
+    torch.manual_seed(123)
+    eager_out, eager_grads = outputs_and_grads(
+        lambda t: ops.lora_linear(*t, 1.5, dropout_p=0.5), lora_inputs()
+    )
+    monkeypatch.setattr(ops, "eager_path", lambda *t: False)
+    torch.manual_seed(123)
+    op_out, op_grads = outputs_and_grads(
+        lambda t: ops.lora_linear(*t, 1.5, dropout_p=0.5), lora_inputs()
+    )
+    assert torch.equal(eager_out, op_out)
+    for eager_grad, op_grad in zip(eager_grads, op_grads, strict=True):
+        assert torch.equal(eager_grad, op_grad)

@@ -200,9 +200,11 @@ def check_against_reference(
 
 
 def spy_on(monkeypatch, module):
-    """Record the calls to `module`'s lora_forward and lora_backward."""
+    """Record the calls to `module`'s lora_forward and lora_backward (and lora_linear, the cpp
+    backend's differentiable op, which runs both in C++)."""
     calls = []
-    for function in ("lora_forward", "lora_backward"):
+    functions = ("lora_forward", "lora_backward", "lora_linear")
+    for function in (name for name in functions if hasattr(module, name)):
         original = getattr(module, function)
 
         def spy(*args, _original=original, _function=function, **kwargs):
@@ -211,6 +213,11 @@ def spy_on(monkeypatch, module):
 
         monkeypatch.setattr(module, function, spy)
     return calls
+
+
+def expected_calls(backend: str) -> list[str]:
+    """What spy_on records for one eager forward and backward on `backend`."""
+    return ["lora_linear"] if backend == "cpp" else ["lora_forward", "lora_backward"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -666,7 +673,7 @@ def test_auto_runs_cpu_tensors_on_cpp_once_built_else_torch(use_backend, monkeyp
         calls["cpp"] = spy_on(monkeypatch, backend_module("cpp"))
     inputs, grad_out = make_inputs(4, 6, 5, 2, F32)
     run(lambda *args: ops.lora_linear(*args, SCALING), inputs, NAMES, grad_out)
-    assert calls.pop(expected) == ["lora_forward", "lora_backward"]
+    assert calls.pop(expected) == expected_calls(expected)
     assert all(not other for other in calls.values())
 
 
@@ -674,7 +681,7 @@ def test_the_forced_backend_runs_the_op(backend, monkeypatch):
     calls = {name: spy_on(monkeypatch, backend_module(name)) for name in available()}
     inputs, grad_out = make_inputs(4, 6, 5, 2, F32)
     run(lambda *args: ops.lora_linear(*args, SCALING), inputs, NAMES, grad_out)
-    assert calls[backend] == ["lora_forward", "lora_backward"]
+    assert calls[backend] == expected_calls(backend)
     assert all(not calls[other] for other in calls if other != backend)
 
 
@@ -699,7 +706,7 @@ def test_the_environment_variable_chooses_the_backend(use_backend, monkeypatch):
         calls = spy_on(monkeypatch, backend_module(name))
         inputs, grad_out = make_inputs(4, 6, 5, 2, F32)
         run(lambda *args: ops.lora_linear(*args, SCALING), inputs, NAMES, grad_out)
-        assert calls == ["lora_forward", "lora_backward"]
+        assert calls == expected_calls(name)
     # set_backend wins over the environment.
     set_backend("torch")
     assert get_backend() == "torch"
@@ -787,14 +794,16 @@ ARGUMENT_ERRORS = {
 
 
 @pytest.mark.parametrize("problem", sorted(ARGUMENT_ERRORS))
-def test_bad_arguments_raise_a_value_error_naming_them(problem):
+def test_bad_arguments_raise_a_value_error_naming_them(problem, backend):
+    """On every backend: the cpp backend's C++ op checks the arguments itself, and its error
+    is replaced by this one."""
     arguments, message = ARGUMENT_ERRORS[problem]
     with pytest.raises(ValueError, match=r"^fastdelta\.ops\.lora_linear: .*" + message):
         ops.lora_linear(**arguments)
 
 
 @pytest.mark.parametrize("shape", [(5,), (4, 5, 1)])
-def test_a_weight_that_is_not_2d_is_named(shape):
+def test_a_weight_that_is_not_2d_is_named(shape, backend):
     with pytest.raises(ValueError, match=r"^fastdelta\.ops\.lora_linear: .*weight"):
         ops.lora_linear(**_arguments(weight=torch.randn(shape)))
 

@@ -47,10 +47,13 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre,
   return at::silu_backward(grad, pre);
 }
 
-// hidden = s * act(pre) in h's dtype; pre [M, m] in the accumulate type.
-at::Tensor scaled_activation(const at::Tensor& pre, double scaling, Activation activation,
-                             at::ScalarType dtype) {
-  return activated(pre, activation).mul_(scaling).to(dtype);
+// (hidden, alpha) with alpha * hidden = s * act(pre), hidden in h's dtype (pre [M, m] is in the
+// accumulate type): in float32 and float64 alpha is s, for the GEMM that reads hidden to apply;
+// a 16-bit hidden is scaled in float32 and rounded once.
+std::tuple<at::Tensor, double> scaled_activation(const at::Tensor& pre, double scaling,
+                                                 Activation activation, at::ScalarType dtype) {
+  if (pre.scalar_type() == dtype) return {activated(pre, activation), scaling};
+  return {activated(pre, activation).mul_(scaling).to(dtype), 1.0};
 }
 
 std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(
@@ -59,19 +62,19 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(
     const std::optional<at::Tensor>& residual, double scaling, c10::string_view activation) {
   const Activation act = parse_activation(std::string(activation));
   const int64_t d_in = h.size(-1), bottleneck = down_weight.size(0), d_out = up_weight.size(0);
-  const at::Tensor h2d = h.reshape({-1, d_in});
+  const at::Tensor h2d = as_2d(h, d_in);
   const at::Tensor down_t = down_weight.t();
-  const at::Tensor pre = (down_bias.has_value() ? at::addmm(*down_bias, h2d, down_t)
-                                                : at::mm(h2d, down_t))
-                             .to(accumulate_type(h.scalar_type()))
+  const at::Tensor pre = cast(down_bias.has_value() ? at::addmm(*down_bias, h2d, down_t)
+                                                    : at::mm(h2d, down_t),
+                              accumulate_type(h.scalar_type()))
                              .contiguous();
-  const at::Tensor hidden = scaled_activation(pre, scaling, act, h.scalar_type());
-  const at::Tensor residual2d = residual.has_value() ? residual->reshape({-1, d_out}) : h2d;
+  const auto [hidden, alpha] = scaled_activation(pre, scaling, act, h.scalar_type());
+  const at::Tensor residual2d = residual.has_value() ? as_2d(*residual, d_out) : h2d;
   // out = residual + s * b_u, contiguous, vectorised by ATen.
   at::Tensor out = up_bias.has_value() ? at::add(residual2d, *up_bias, scaling)
                                       : residual2d.clone(at::MemoryFormat::Contiguous);
-  out.addmm_(hidden, up_weight.t());
-  return {out.view(with_last(h.sizes(), d_out)), pre.view(with_last(h.sizes(), bottleneck))};
+  out.addmm_(hidden, up_weight.t(), 1.0, alpha);
+  return {like_rows_of(out, h, d_out), like_rows_of(pre, h, bottleneck)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward_cpu(
@@ -82,29 +85,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
   const auto [need_h, need_down_weight, need_down_bias, need_up_weight, need_up_bias] = needs;
   const int64_t d_in = h.size(-1), bottleneck = down_weight.size(0), d_out = up_weight.size(0);
   const auto dtype = h.scalar_type();
-  const at::Tensor grad2d = grad_out.reshape({-1, d_out});
-  const at::Tensor h2d = h.reshape({-1, d_in});
-  const at::Tensor pre2d = pre.reshape({-1, bottleneck}).contiguous();
+  const at::Tensor grad2d = as_2d(grad_out, d_out);
+  const at::Tensor h2d = as_2d(h, d_in);
+  const at::Tensor pre2d = as_2d(pre, bottleneck).contiguous();
   at::Tensor grad_h, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias;
   const bool need_pre = need_h || need_down_weight || need_down_bias;
   at::Tensor grad_pre;
   if (need_pre) {
     // d(pre) = s * (dOut U) * act'(pre), in h's dtype.
-    const at::Tensor grad_hidden = at::mm(grad2d, up_weight).to(pre2d.scalar_type());
-    grad_pre = activation_backward(grad_hidden.mul_(scaling), pre2d, act).to(dtype);
+    const at::Tensor grad_hidden =
+        pre2d.scalar_type() == dtype
+            ? scaled_mm(grad2d, up_weight, scaling)
+            : at::mm(grad2d, up_weight).to(pre2d.scalar_type()).mul_(scaling);
+    grad_pre = cast(activation_backward(grad_hidden, pre2d, act), dtype);
   }
   if (need_up_weight) {
-    grad_up_weight = at::mm(grad2d.t(), scaled_activation(pre2d, scaling, act, dtype));
+    const auto [hidden, alpha] = scaled_activation(pre2d, scaling, act, dtype);
+    grad_up_weight = scaled_mm(grad2d.t(), hidden, alpha);
   }
   if (need_up_bias) {
-    grad_up_bias = at::sum(grad2d, {0}, false, accumulate_type(dtype)).mul_(scaling).to(dtype);
+    grad_up_bias = scaling == 1.0 ? sum_rows(grad2d)
+                                  : cast(at::sum(grad2d, {0}, false, accumulate_type(dtype))
+                                             .mul_(scaling),
+                                         dtype);
   }
   if (need_down_bias) grad_down_bias = sum_rows(grad_pre);
   if (need_down_weight) grad_down_weight = at::mm(grad_pre.t(), h2d);
   if (need_h) {
     // A sequential adapter's residual is h itself: its gradient joins in the same product.
     grad_h = sequential ? at::addmm(grad2d, grad_pre, down_weight) : at::mm(grad_pre, down_weight);
-    grad_h = grad_h.view(h.sizes());
+    grad_h = like_rows_of(grad_h, h, d_in);
   }
   return {grad_h, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias};
 }

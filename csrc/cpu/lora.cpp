@@ -217,14 +217,19 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(
     double scaling, double dropout_p, bool fan_in_fan_out) {
   check_lora_arguments("fastdelta_C::lora_forward", x, weight, lora_A, lora_B, seed);
   const int64_t K = x.size(-1), N = lora_B.size(0), R = lora_A.size(0);
-  const at::Tensor x2d = x.reshape({-1, K});
+  const at::Tensor x2d = as_2d(x, K);
   const at::Tensor xa = low_rank_input(x2d, lora_A, cpu_dropout(seed, dropout_p));
-  // y = b + s * xa B^T first, then the GEMM adds x W^T onto it (see the top of the file).
-  const at::Tensor scaled_xa = (xa * scaling).to(x.scalar_type());
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, scaled_xa, lora_B.t())
-                                  : at::mm(scaled_xa, lora_B.t());
+  // y = b + s * xa B^T first, then the GEMM adds x W^T onto it (see the top of the file). In
+  // float32 and float64 (xa's own dtype) the scaling is the GEMM's alpha; a 16-bit x takes xa
+  // scaled in float32 and rounded once.
+  const bool low_precision = x.scalar_type() != xa.scalar_type();
+  const at::Tensor low = low_precision ? (xa * scaling).to(x.scalar_type()) : xa;
+  const double alpha = low_precision ? 1.0 : scaling;
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, low, lora_B.t(), 1.0, alpha)
+                                  : at::mm(low, lora_B.t());
+  if (!bias.has_value() && alpha != 1.0) y.mul_(alpha);
   y.addmm_(x2d, base_weight(weight, fan_in_fan_out).t());
-  return {y.view(with_last(x.sizes(), N)), xa.view(with_last(x.sizes(), R))};
+  return {like_rows_of(y, x, N), like_rows_of(xa, x, R)};
 }
 
 // rows[j] = drop'(values[j]) in grad_x's dtype, for the `count` elements of one block: the
@@ -293,33 +298,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   check_lora_arguments("fastdelta_C::lora_backward", x, weight, lora_A, lora_B, seed);
   const auto [need_x, need_weight, need_bias, need_A, need_B] = needs;
   const int64_t K = x.size(-1), N = lora_B.size(0), R = lora_A.size(0);
-  const at::Tensor grad2d = grad_y.reshape({-1, N});
-  const at::Tensor x2d = x.reshape({-1, K});
+  const at::Tensor grad2d = as_2d(grad_y, N);
+  const at::Tensor x2d = as_2d(x, K);
   const auto dtype = x.scalar_type();
   const auto acc = accumulate_type(dtype);
   const CpuDropout dropout = cpu_dropout(seed, dropout_p);
   at::Tensor grad_x, grad_A, grad_B;
   if (need_B) {
-    grad_B = at::mm(grad2d.t(), xa.reshape({-1, R}).to(dtype)).mul_(scaling);
+    grad_B = scaled_mm(grad2d.t(), cast(as_2d(xa, R), dtype), scaling);
   }
   if (need_x || need_A) {
     // dxa = s * dY B, with the 1 / (1 - p) of dropout: [M, r] in the accumulate type.
-    const at::Tensor grad_xa = at::mm(grad2d, lora_B).to(acc).mul_(scaling * dropout.scale);
+    const double grad_xa_scale = scaling * dropout.scale;
+    const at::Tensor grad_xa = dtype == acc
+                                   ? scaled_mm(grad2d, lora_B, grad_xa_scale)
+                                   : at::mm(grad2d, lora_B).to(acc).mul_(grad_xa_scale);
     const bool blocked_A = need_A && (dropout.active || dtype != acc);
     if (need_A && !blocked_A) grad_A = at::mm(grad_xa.t(), x2d);
     // dX = drop'(dxa A), then dY W added onto it by the GEMM (see the top of the file).
-    if (need_x && !dropout.active) grad_x = at::mm(grad_xa.to(dtype), lora_A);
+    if (need_x && !dropout.active) grad_x = at::mm(cast(grad_xa, dtype), lora_A);
     if (need_x && dropout.active) grad_x = at::empty({x2d.size(0), K}, x.options());
     const bool blocked_x = need_x && dropout.active;
     if (blocked_A || blocked_x) {
-      blocked_backward(x2d, grad_xa, lora_A.to(acc), dropout, blocked_x ? &grad_x : nullptr,
+      blocked_backward(x2d, grad_xa, cast(lora_A, acc), dropout, blocked_x ? &grad_x : nullptr,
                        blocked_A ? &grad_A : nullptr);
     }
     if (need_x) {
       grad_x.addmm_(grad2d, base_weight(weight, fan_in_fan_out));
-      grad_x = grad_x.view(x.sizes());
+      grad_x = like_rows_of(grad_x, x, K);
     }
-    if (need_A) grad_A = grad_A.to(lora_A.scalar_type());
+    if (need_A) grad_A = cast(grad_A, lora_A.scalar_type());
   }
   auto [grad_weight, grad_bias] = base_grads(grad2d, x2d, fan_in_fan_out, need_weight, need_bias);
   return {grad_x, grad_weight, grad_bias, grad_A, grad_B};

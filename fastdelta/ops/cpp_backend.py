@@ -53,6 +53,26 @@ def lora_forward(
     )
 
 
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    seed: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    fan_in_fan_out: bool,
+) -> torch.Tensor:
+    """y of lora_forward, differentiable: the extension's op records one autograd node whose
+    backward is lora_backward, with no Python in either (csrc/autograd.cpp). With dropout and no
+    seed it draws one from torch's generator for x's device. It checks every argument and
+    raises a RuntimeError for the first that does not fit."""
+    return _op("lora_linear")(
+        x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out
+    )
+
+
 def lora_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -84,6 +104,23 @@ def adapter_forward(
     """(out, pre): out = residual + scaling * (act(pre) U^T + b_u), pre = h D^T + b_d in
     float32 (float64 for float64 h). residual None means h (a sequential adapter)."""
     return _op("adapter_forward")(
+        h, down_weight, down_bias, up_weight, up_bias, residual, scaling, activation
+    )
+
+
+def adapter_bottleneck(
+    h: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    scaling: float,
+    activation: str,
+) -> torch.Tensor:
+    """out of adapter_forward, differentiable, as lora_linear is (csrc/autograd.cpp); a
+    parallel adapter's residual receives the output's gradient unchanged."""
+    return _op("adapter_bottleneck")(
         h, down_weight, down_bias, up_weight, up_bias, residual, scaling, activation
     )
 

@@ -85,7 +85,7 @@ def _mode_from_environment() -> bool | None:
 def lora_backend(requested, x, weight, has_bias, lora_A, seed, fan_in_fan_out, check=True) -> str:
     """The backend that runs this LoRA call: `requested`, or where its variant was moved. With
     `check`, a variant's first use is checked (a backward passes False: it follows its forward)."""
-    if requested == "torch" or not _may_route(x.device):
+    if requested == "torch" or not may_route(x.device):
         return requested
     k = x.shape[-1]
     m = x.numel() // k if k else 0
@@ -103,7 +103,7 @@ def adapter_backend(
     check=True,
 ) -> str:  # fmt: skip
     """The backend that runs this adapter call; see lora_backend."""
-    if requested == "torch" or not _may_route(h.device):
+    if requested == "torch" or not may_route(h.device):
         return requested
     d_in = h.shape[-1]
     m = h.numel() // d_in if d_in else 0
@@ -116,7 +116,7 @@ def adapter_backend(
     return route(requested, variant, check)
 
 
-def _may_route(device: torch.device) -> bool:
+def may_route(device: torch.device) -> bool:
     """Whether a call on `device` can be routed off its backend: not while no variant has a
     route and `device` is not checked (the CPU by default), so such a call skips building its
     variant (microseconds a call)."""
