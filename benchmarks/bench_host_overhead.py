@@ -10,6 +10,9 @@ Providers: the floor (the plain `nn.Linear`, trainable, as it would train withou
 fastdelta on the backend it picks by itself, PEFT's LoRA layer (LoRA only; PEFT has no
 functional op, so its layer stands in for the op too) and the eager reference
 (`fastdelta.ops.reference`, differentiated by autograd; as a layer, the linear followed by it).
+Each layer is called itself, as the model around it calls it: the injected `nn.Linear` for
+fastdelta, PEFT's `lora.Linear`, not the wrappers that build them (an `nn.Sequential`, a
+`PeftModel`).
 Every case is timed on one CPU thread (torch.set_num_threads(1)), a call per round, the fastest
 round reported, so the figures are host time, not thread-pool scheduling.
 """
@@ -89,13 +92,13 @@ def _lora_workload(provider: str, case: HostCase, base: nn.Linear, x: torch.Tens
             target_modules=["0"], r=case.r, lora_alpha=ALPHA, lora_dropout=case.dropout
         )
         model = peft.get_peft_model(nn.Sequential(base), config, autocast_adapter_dtype=False)
-        return _layer(model, x, case, "peft")
+        return _layer(model.base_model.model[0], x, case, "peft")
     if case.subject == "layer" and provider == "fastdelta":
         host = nn.Sequential(base)
         fastdelta.LoraModel(
             host, modified_modules=["0"], lora_r=case.r, lora_alpha=ALPHA, lora_dropout=dropout
         ).freeze_module()
-        return _layer(host, x, case, AUTO)
+        return _layer(host[0], x, case, AUTO)
     if case.subject == "layer":
         return _layer(_ReferenceLoraLayer(base, case.r, case.dropout), x, case, "eager")
     lora_A = torch.randn(case.r, case.d).div_(case.d**0.5).requires_grad_()
@@ -135,7 +138,7 @@ def _adapter_workload(provider: str, case: HostCase, base: nn.Linear, x: torch.T
         fastdelta.AdapterModel(
             host, bottleneck_dim=case.r, non_linearity=ACTIVATION, modified_modules=["0"]
         ).freeze_module()
-        return _layer(host, x, case, AUTO)
+        return _layer(host[0], x, case, AUTO)
     layer = _ReferenceAdapterLayer(base, case.r)
     if case.subject == "layer":
         return _layer(layer, x, case, "eager")
