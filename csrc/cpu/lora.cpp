@@ -201,12 +201,12 @@ at::Tensor low_rank_input(const at::Tensor& x2d, const at::Tensor& lora_A,
                           const CpuDropout& dropout) {
   const auto acc = accumulate_type(x2d.scalar_type());
   if (!dropout.active && x2d.scalar_type() == acc) return at::mm(x2d, lora_A.t());
-  // The 1 / (1 - p) goes into the [r, K] copy of A, not into the [M, K] input.
-  const at::Tensor a_t = (lora_A.to(acc) * dropout.scale).t();
+  // The 1 / (1 - p) is the GEMM's alpha, not a pass over the [M, K] input.
+  const at::Tensor a_t = cast(lora_A, acc).t();
   at::Tensor xa = at::empty({x2d.size(0), lora_A.size(0)}, x2d.options().dtype(acc));
   for_each_row_block(x2d, dropout, /*copy_x=*/true, [&](const RowBlock& block) {
     at::Tensor out = xa.narrow(0, block.first, block.rows);
-    at::mm_out(out, block.x, a_t);
+    at::addmm_out(out, out, block.x, a_t, /*beta=*/0, dropout.scale);  // out is not read
   });
   return xa;
 }
