@@ -97,6 +97,24 @@ def test_the_main_job_runs_end_to_end(tiny_backbone, tmp_path, monkeypatch, caps
     assert "\x1b[" not in printed
 
 
+def test_the_main_job_against_peft_times_both_on_the_same_batches(tiny_backbone, monkeypatch):
+    """benchmarks/main_job.py: fastdelta's and PEFT's LoRA runs of the job, alternating."""
+    from benchmarks import main_job
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    verbosity = transformers.logging.get_verbosity()
+    arguments = ["--backbone", str(tiny_backbone), "--steps", "2", "--chunk", "1"]
+    try:
+        result = main_job.main([*arguments, "--batch-size", "8"])
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+    assert result["fastdelta_steps_per_second"] > 0 and result["peft_steps_per_second"] > 0
+    ratio = result["fastdelta_steps_per_second"] / result["peft_steps_per_second"]
+    assert result["ratio"] == pytest.approx(ratio)
+    assert 0 < result["fastdelta_loss"] < 2 and 0 < result["peft_loss"] < 2
+
+
 class FakeClock:
     def __init__(self):
         self.now = 0.0
