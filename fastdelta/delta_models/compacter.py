@@ -121,7 +121,7 @@ class CompacterModel(DeltaBase):
         exclude_modules: list[str] | None = None,
         unfrozen_modules: list[str] | None = None,
         common_structure: bool = False,
-        interactive_modify: bool = False,
+        interactive_modify: bool | int = False,
         backend: str = "hf",
         reduction_factor: int = 16,
         non_linearity: str = "gelu_new",

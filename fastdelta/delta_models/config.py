@@ -53,7 +53,9 @@ class BaseDeltaConfig:
     exclude_modules: list[str] | None = None
     unfrozen_modules: list[str] | None = None
     common_structure: bool = False
-    interactive_modify: bool = False
+    # True or a port number (True: 8888): the modules are chosen on a local web page
+    # (fastdelta.interactive) when the delta model is built, and the config then holds them.
+    interactive_modify: bool | int = False
     backend: str = "hf"
     # fastdelta's own: the dtype of the delta parameters ("float32", ...); None follows the
     # backbone's. Stored by name so that the config stays JSON.
@@ -65,11 +67,13 @@ class BaseDeltaConfig:
             if entries is not None:
                 setattr(self, argument, check_entries(entries, argument))
         _require_bool(self.common_structure, "common_structure")
-        _require_bool(self.interactive_modify, "interactive_modify")
-        if self.interactive_modify:
+        _check_interactive(self.interactive_modify)
+        if self.interactive_modify and (
+            self.modified_modules is not None or self.exclude_modules is not None
+        ):
             raise ValueError(
-                "interactive_modify is not supported by fastdelta: pass "
-                "modified_modules (see Visualization(model).structure_graph())"
+                "interactive_modify chooses the modified modules on a web page: pass it "
+                "without modified_modules and exclude_modules"
             )
         if not isinstance(self.backend, str) or self.backend not in SUPPORTED_MODEL_BACKENDS:
             raise ValueError(
@@ -187,6 +191,8 @@ def _config_classes() -> tuple[type[BaseDeltaConfig], ...]:
     # Defined with their delta models, which import this module: imported when first asked for.
     from fastdelta.delta_models.compacter import CompacterConfig
     from fastdelta.delta_models.low_rank_adapter import LowRankAdapterConfig
+    from fastdelta.delta_models.prefix import PrefixConfig
+    from fastdelta.delta_models.soft_prompt import SoftPromptConfig
 
     return (
         LoraConfig,
@@ -195,6 +201,8 @@ def _config_classes() -> tuple[type[BaseDeltaConfig], ...]:
         BitFitConfig,
         LowRankAdapterConfig,
         CompacterConfig,
+        PrefixConfig,
+        SoftPromptConfig,
     )
 
 
@@ -202,6 +210,15 @@ def _require_bool(value, name: str) -> None:
     # A string such as "false" is truthy: only real booleans are accepted.
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def _check_interactive(value) -> None:
+    """interactive_modify is a bool or a port number (as in OpenDelta, 0 is off)."""
+    is_port = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 65535
+    if not (isinstance(value, bool) or is_port):
+        raise TypeError(
+            f"interactive_modify must be True, False or a port number (0-65535), got {value!r}"
+        )
 
 
 def _require_positive_int(value, name: str) -> None:

@@ -41,7 +41,7 @@ class LoraModel(DeltaBase):
         unfrozen_modules: list[str] | None = None,
         exclude_modules: list[str] | None = None,
         common_structure: bool = False,
-        interactive_modify: bool = False,
+        interactive_modify: bool | int = False,
         backend: str = "hf",
         *,
         use_rslora: bool = False,

@@ -69,7 +69,7 @@ class LowRankAdapterModel(DeltaBase):
         exclude_modules: list[str] | None = None,
         unfrozen_modules: list[str] | None = None,
         common_structure: bool = False,
-        interactive_modify: bool = False,
+        interactive_modify: bool | int = False,
         backend: str = "hf",
         *,
         delta_dtype: torch.dtype | str | None = None,
