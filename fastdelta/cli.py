@@ -29,7 +29,16 @@ GRIDS = ("smoke", "quick", "full")
 STATISTICS = ("min", "median", "mean")
 # The delta types `inspect --delta` takes: fastdelta.delta_models.auto.DELTA_MODELS's keys,
 # named here so that parsing imports no delta model (a test checks that they agree).
-DELTA_TYPES = ("adapter", "bitfit", "compacter", "lora", "low_rank_adapter", "parallel_adapter")
+DELTA_TYPES = (
+    "adapter",
+    "bitfit",
+    "compacter",
+    "lora",
+    "low_rank_adapter",
+    "parallel_adapter",
+    "prefix",
+    "soft_prompt",
+)
 
 
 class CommandError(Exception):

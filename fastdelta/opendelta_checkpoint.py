@@ -65,6 +65,8 @@ DELTA_ARGUMENTS = {
         "use_bias_up_sampler",
         "use_bias_down_sampler",
     ),
+    "prefix": ("prefix_token_num", "reparameterize", "embed_dim", "mid_dim"),
+    "soft_prompt": ("soft_token_num", "init_range", "token_init"),
 }
 # Fields of OpenDelta's config classes that its delta models never read (CompacterConfig's
 # bottleneck_dim and sequential, written as null): they describe nothing the deltas depend on.
@@ -78,6 +80,9 @@ DEFAULT_MODIFIED_MODULES = {
     "bitfit": ("attn@", "ff@", "layer_norm@", "lm_head@.proj@"),
     "low_rank_adapter": ("attn@.proj@", "ff@.w2@"),
     "compacter": ("attn@.proj@", "ff@.w2@"),
+    "prefix": ("attn@",),
+    # OpenDelta's SoftPromptModel records ["root"]: it modifies the backbone (or its encoder).
+    "soft_prompt": ("root",),
 }
 # The name OpenDelta registers a delta type's module under, where it is not fastdelta's.
 DELTA_MODULE_NAMES = {"compacter": "compactor"}
@@ -167,6 +172,10 @@ def opendelta_targets(backbone: nn.Module, arguments: dict[str, Any]) -> list[st
     excluding, which its default ["lm_head"] relies on). For a parallel adapter, the pairs
     [input_0, output_0, ...] of module names, the i-th module each entry of a pair selects
     paired with the i-th of the other."""
+    if arguments.get("delta_type") == "soft_prompt":
+        # OpenDelta puts the prompt in front of the backbone's (or its encoder's) input
+        # whatever modified_modules and exclude_modules say; SoftPromptConfig takes ["root"].
+        return ["root"]
     addresses = ModuleAddresses(backbone)
     excluded = tuple(arguments.get("exclude_modules") or ())
     entries = arguments["modified_modules"]

@@ -66,11 +66,6 @@ def module_sizes(backbone: nn.Module, names: Sequence[str]) -> dict[str, Sizes]:
 
 
 def _sizes_from_pseudo_forward(backbone: nn.Module, modules: dict[str, nn.Module]):
-    runner = _smallest_runner(backbone, list(modules))
-    pseudo_input = getattr(runner, "dummy_inputs", None)
-    if pseudo_input is None:
-        pseudo_input = torch.tensor(FALLBACK_PSEUDO_INPUT)
-    pseudo_input = _to_device(pseudo_input, _device_of(backbone))
     seen: dict[str, Sizes] = {}
 
     def recorder(name):
@@ -88,6 +83,36 @@ def _sizes_from_pseudo_forward(backbone: nn.Module, modules: dict[str, nn.Module
         module.register_forward_hook(recorder(name), with_kwargs=True)
         for name, module in modules.items()
     ]
+    try:
+        described = run_pseudo_forward(
+            backbone,
+            list(modules),
+            f"finds the feature sizes of {', '.join(modules)}",
+            "target modules whose sizes are known without a forward (Linear, Conv1D, norms)",
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in modules if name not in seen]
+    if missing:
+        raise RuntimeError(
+            f"The pseudo forward pass of {type(backbone).__name__} on {described} never called "
+            f"{', '.join(missing)} with a tensor input and output, so their feature sizes are "
+            "unknown; target modules that the forward pass reaches."
+        )
+    return seen
+
+
+def run_pseudo_forward(backbone: nn.Module, names: list[str], purpose: str, fix: str) -> str:
+    """Run the forward of `backbone` (of its base model when the modules `names` are all inside
+    it) once on its pseudo input, without gradients and in eval mode, restoring each module's
+    mode after; returns the input, described. A failure is raised saying what the pass was
+    for (`purpose`, "finds ...") and, besides giving the backbone `dummy_inputs`, `fix`."""
+    runner = _smallest_runner(backbone, names)
+    pseudo_input = getattr(runner, "dummy_inputs", None)
+    if pseudo_input is None:
+        pseudo_input = torch.tensor(FALLBACK_PSEUDO_INPUT)
+    pseudo_input = _to_device(pseudo_input, _device_of(backbone))
     training = {module: module.training for module in runner.modules()}
     described = _describe(pseudo_input)
     try:
@@ -99,24 +124,14 @@ def _sizes_from_pseudo_forward(backbone: nn.Module, modules: dict[str, nn.Module
                 runner(pseudo_input)
     except Exception as error:
         raise RuntimeError(
-            f"The pseudo forward pass of {type(runner).__name__} that finds the feature sizes "
-            f"of {', '.join(modules)} failed on the input {described}: {error}. Give the "
-            "backbone a `dummy_inputs` attribute (a dict of keyword inputs its forward accepts), "
-            "or target modules whose sizes are known without a forward (Linear, Conv1D, norms)."
+            f"The pseudo forward pass of {type(runner).__name__} that {purpose} failed on the "
+            f"input {described}: {error}. Give the backbone a `dummy_inputs` attribute (a dict "
+            f"of keyword inputs its forward accepts), or {fix}."
         ) from error
     finally:
-        for handle in handles:
-            handle.remove()
         for module, mode in training.items():
             module.training = mode
-    missing = [name for name in modules if name not in seen]
-    if missing:
-        raise RuntimeError(
-            f"The pseudo forward pass of {type(runner).__name__} on {described} never called "
-            f"{', '.join(missing)} with a tensor input and output, so their feature sizes are "
-            "unknown; target modules that the forward pass reaches."
-        )
-    return seen
+    return described
 
 
 def _smallest_runner(backbone: nn.Module, names: list[str]) -> nn.Module:

@@ -537,14 +537,6 @@ def test_unknown_delta_type_lists_the_supported_ones():
         AutoDeltaConfig.from_dict({"delta_type": "foo"})
 
 
-@pytest.mark.parametrize("delta_type", ["prefix", "soft_prompt"])
-def test_opendelta_types_not_implemented_are_named(delta_type):
-    with pytest.raises(NotImplementedError, match=f"'{delta_type}'.*not implemented"):
-        AutoDeltaConfig.from_dict({"delta_type": delta_type})
-    with pytest.raises(NotImplementedError, match=delta_type):
-        AutoDeltaModel.from_config({"delta_type": delta_type}, tiny_model("bert"))
-
-
 def test_unknown_argument_in_from_dict_is_named():
     with pytest.raises(ValueError, match="lora_rank"):
         AutoDeltaConfig.from_dict({"delta_type": "lora", "lora_rank": 4})

@@ -399,7 +399,7 @@ def test_auto_config_from_finetuned_errors(tmp_path, lora_checkpoint):
         AutoDeltaConfig.from_finetuned(tmp_path / "nowhere")
     config = read_json(lora_checkpoint)
     write_json(lora_checkpoint, {**config, "delta_type": "prefix"})
-    with pytest.raises(NotImplementedError, match=r"'prefix' exists in OpenDelta"):
+    with pytest.raises(ValueError, match=r"lacks embed_dim, mid_dim, prefix_token_num, reparam"):
         AutoDeltaConfig.from_finetuned(lora_checkpoint)
     write_json(lora_checkpoint, {**config, "format_version": FORMAT_VERSION + 1})
     with pytest.raises(ValueError, match=r"upgrade fastdelta"):
@@ -468,10 +468,10 @@ LOADING_ERRORS = {
         ValueError,
         r"Unknown delta_type 'telepathy'; the supported types are adapter, bitfit, compacter",
     ),
-    "OpenDelta-only delta_type": (
+    "another delta_type's arguments missing": (
         set_config(delta_type="prefix"),
-        NotImplementedError,
-        r"delta_type 'prefix' exists in OpenDelta but is not implemented in fastdelta",
+        ValueError,
+        r"lacks embed_dim, mid_dim, prefix_token_num, reparameterize, which the saved prefix",
     ),
     "newer format": (
         set_config(format_version=FORMAT_VERSION + 1, fastdelta_version="99.0"),

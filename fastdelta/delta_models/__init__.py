@@ -14,6 +14,8 @@ from fastdelta.delta_models.config import (
 )
 from fastdelta.delta_models.lora import LoraModel
 from fastdelta.delta_models.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
+from fastdelta.delta_models.prefix import PrefixConfig, PrefixModel
+from fastdelta.delta_models.soft_prompt import SoftPromptConfig, SoftPromptModel
 
 __all__ = [
     "AdapterConfig",
@@ -32,4 +34,8 @@ __all__ = [
     "LowRankAdapterModel",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
+    "PrefixConfig",
+    "PrefixModel",
+    "SoftPromptConfig",
+    "SoftPromptModel",
 ]

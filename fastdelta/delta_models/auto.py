@@ -19,6 +19,8 @@ from fastdelta.delta_models.compacter import CompacterModel
 from fastdelta.delta_models.config import BaseDeltaConfig, config_class_for, require_dict
 from fastdelta.delta_models.lora import LoraModel
 from fastdelta.delta_models.low_rank_adapter import LowRankAdapterModel
+from fastdelta.delta_models.prefix import PrefixModel
+from fastdelta.delta_models.soft_prompt import SoftPromptModel
 
 DELTA_MODELS: dict[str, type[DeltaBase]] = {
     model.config_class.delta_type: model
@@ -29,6 +31,8 @@ DELTA_MODELS: dict[str, type[DeltaBase]] = {
         BitFitModel,
         LowRankAdapterModel,
         CompacterModel,
+        PrefixModel,
+        SoftPromptModel,
     )
 }
 

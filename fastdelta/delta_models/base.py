@@ -97,14 +97,19 @@ class DeltaBase:
             self.add_all_delta_to_backbone(targets)
         except Exception:
             # Never leave a backbone half-modified: take off what was attached, then re-raise.
-            for attachment in reversed(self.attachments):
-                detach_delta(
-                    self.backbone_model.get_submodule(attachment.host_name), attachment.delta_name
-                )
-                for hook in attachment.hooks:
-                    hook.remove()
-            self.attachments.clear()
+            self._remove_attachments()
             raise
+
+    def _remove_attachments(self) -> None:
+        """Take every delta off the backbone as if none had been attached (construction or
+        loading failed) and forget them."""
+        for attachment in reversed(self.attachments):
+            detach_delta(
+                self.backbone_model.get_submodule(attachment.host_name), attachment.delta_name
+            )
+            for hook in attachment.hooks:
+                hook.remove()
+        self.attachments.clear()
 
     @classmethod
     def from_config(cls, config: BaseDeltaConfig | dict, backbone_model: nn.Module):

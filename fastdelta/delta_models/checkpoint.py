@@ -30,7 +30,6 @@ from fastdelta.checkpoint_io import (
     load_tensors,
 )
 from fastdelta.delta_models.config import config_class_for
-from fastdelta.injection import detach_delta
 from fastdelta.layers.base import delta_parameter_names
 from fastdelta.layers.lora import LoraDelta
 from fastdelta.opendelta_checkpoint import (
@@ -395,9 +394,7 @@ def build_from_checkpoint(
         _load(delta_model, checkpoint)
     except Exception:
         # Nothing was copied yet (every check comes first): take the new deltas off again.
-        for attachment in reversed(delta_model.attachments):
-            detach_delta(backbone.get_submodule(attachment.host_name), attachment.delta_name)
-        delta_model.attachments.clear()
+        delta_model._remove_attachments()
         raise
     return delta_model
 

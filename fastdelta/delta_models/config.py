@@ -34,8 +34,6 @@ DOWNLOAD_OPTIONS = (
     "revision",
     "check_hash",
 )
-# OpenDelta delta types that fastdelta does not implement.
-NOT_IMPLEMENTED = ("prefix", "soft_prompt")
 # The largest rank or bottleneck width accepted: wider than any layer of any model, so a larger
 # value is a typo or an overflow (2**40 would reach the allocator as a raw error).
 MAX_DELTA_WIDTH = 2**16
@@ -179,11 +177,6 @@ def config_class_for(delta_type) -> type[BaseDeltaConfig]:
     if isinstance(delta_type, str) and delta_type in classes:
         return classes[delta_type]
     supported = ", ".join(sorted(classes))
-    if delta_type in NOT_IMPLEMENTED:
-        raise NotImplementedError(
-            f"delta_type {delta_type!r} exists in OpenDelta but is not "
-            f"implemented in fastdelta; the supported types are {supported}"
-        )
     raise ValueError(f"Unknown delta_type {delta_type!r}; the supported types are {supported}")
 
 
