@@ -15,7 +15,14 @@ from safetensors.torch import load_file, save_file
 from tiny_models import tiny_model
 from torch import nn
 
-from fastdelta import AutoDeltaModel, BaseDeltaConfig, DeltaBase
+from fastdelta import (
+    AdapterModel,
+    AutoDeltaModel,
+    BaseDeltaConfig,
+    BitFitModel,
+    DeltaBase,
+    LowRankAdapterModel,
+)
 from fastdelta.layers.base import attached_deltas
 from fastdelta.saving import CONFIG_NAME, WEIGHTS_NAME
 
@@ -251,3 +258,87 @@ def test_attach_that_fails_part_way_takes_back_what_it_attached(delta_type):
     # Only the second delta model is on the backbone: detaching it gives the plain backbone.
     second.detach()
     assert torch.equal(output(model, "bert"), expected)
+
+
+# 5. Two delta models of one kind on the same modules (OpenDelta's composition page)
+
+STACKING = ["lora", "adapter", "parallel_adapter"]
+
+
+@pytest.mark.parametrize("delta_type", STACKING)
+def test_a_second_delta_model_of_a_kind_stacks_under_a_suffixed_name(delta_type, tmp_path):
+    """The second takes `<kind>_1` on each module, as in OpenDelta, and computes after the
+    first. Its checkpoint holds the plain names: loaded onto a bare backbone it is the only
+    delta of its kind there, and onto one carrying the first it stacks the same way again."""
+    pristine = tiny_model("bert", "classification")
+    model = copy.deepcopy(pristine)
+    first, second = trained(delta_type, model, 0), trained(delta_type, model, 1)
+    hosts = {attachment.host_name for attachment in second.attachments}
+    assert hosts == {attachment.host_name for attachment in first.attachments}
+    assert all(a.delta_name == a.saved_name for a in first.attachments)
+    assert all(a.delta_name == f"{a.saved_name}_1" for a in second.attachments)
+    assert {a.saved_name for a in second.attachments} <= {delta_type, f"{delta_type}_input"}
+    stacked = output(model, "bert")
+
+    second_path = second.save_finetuned(tmp_path / "second")
+    saved = set(load_file(second_path / WEIGHTS_NAME)) - HEAD
+    assert saved == {
+        name.replace(f".{delta_type}_1.", f".{delta_type}.") for name in owned_parameters(second)
+    }
+    first_path = first.save_finetuned(tmp_path / "first")
+
+    # The first then the second onto a fresh backbone: the same model.
+    rebuilt = copy.deepcopy(pristine)
+    AutoDeltaModel.from_finetuned(first_path, rebuilt)
+    loaded = AutoDeltaModel.from_finetuned(second_path, rebuilt)
+    assert all(a.delta_name == f"{a.saved_name}_1" for a in loaded.attachments)
+    torch.testing.assert_close(output(rebuilt, "bert"), stacked, rtol=1e-5, atol=1e-6)
+
+    # Without the first, the second alone computes what it does alone on a bare backbone.
+    first.detach()
+    alone = copy.deepcopy(pristine)
+    AutoDeltaModel.from_finetuned(second_path, alone)
+    torch.testing.assert_close(output(model, "bert"), output(alone, "bert"), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(output(model, "bert"), output(pristine, "bert"))
+
+
+def test_opendelta_s_composition_page_three_adapters_on_one_layer():
+    """AdapterModel twice and a LowRankAdapterModel on fc2: adapter, adapter_1, then the
+    low-rank one, run in that order; each detaches on its own."""
+    model = tiny_model("bart")
+    first = AdapterModel(model, modified_modules=["fc2"])
+    second = AdapterModel(model, modified_modules=["fc2"], bottleneck_dim=12)
+    third = LowRankAdapterModel(model, modified_modules=["fc2"], reduction_factor=12)
+    host = model.get_submodule(first.attachments[0].host_name)
+    assert [name for name, _ in attached_deltas(host)] == [
+        "adapter",
+        "adapter_1",
+        "low_rank_adapter",
+    ]
+    with torch.no_grad():
+        for delta_model in (first, second, third):
+            for parameter in delta_model.parameters():
+                parameter.normal_(0, 0.1)
+    x = torch.randn(2, 3, host.in_features)
+    with torch.no_grad():
+        composed = host(x)
+        for delta_model in (first, second, third):
+            delta_model.detach()
+        expected = host(x)
+        for delta_model in (first, second, third):
+            expected = delta_model.attachments[0].delta(expected)
+        second.attach()  # back in its place between the other two
+        first.attach()
+        third.attach()
+        assert [name for name, _ in attached_deltas(host)][:2] == ["adapter", "adapter_1"]
+        again = host(x)
+    torch.testing.assert_close(composed, expected)
+    assert torch.equal(again, composed)
+
+
+def test_a_second_bitfit_on_a_module_is_refused_it_would_share_the_first_ones_biases():
+    model = tiny_model("bert")
+    BitFitModel(model, modified_modules=["layer.1.attention.output.dense"])
+    with pytest.raises(ValueError, match="already has a 'bitfit' attribute"):
+        BitFitModel(model, modified_modules=["attention.output.dense"])
+    assert "bitfit" not in dict(model.encoder.layer[0].attention.output.dense.named_children())

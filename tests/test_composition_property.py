@@ -235,7 +235,9 @@ class DeltaWalk(RuleBasedStateMachine):
     def load(self, data, replace):
         """Load the last checkpoint of a kind onto the walked backbone. With `replace`, the
         delta model of that kind is detached first and the loaded one takes its place (last in
-        creation order); without, loading is refused while any of its deltas is attached."""
+        creation order); without, a BitFit checkpoint that trains the host's own biases is
+        refused while any of its deltas is attached (a second would share them), and the others
+        are not loaded (a second delta model of a kind stacks, tested in test_composition.py)."""
         kind = data.draw(st.sampled_from(sorted(self.checkpoints)))
         path, values = self.checkpoints[kind]
         record = self.record(kind)
@@ -243,9 +245,14 @@ class DeltaWalk(RuleBasedStateMachine):
             record.delta_model.detach()
             record.detached |= set(record.attached)
             record.merged = set()
-        if record.attached:
+        trains_host_biases = any(
+            attachment.delta.host_parameter_names for attachment in record.delta_model.attachments
+        )
+        if record.attached and trains_host_biases:
             with pytest.raises(ValueError, match=rf"already has a '{kind}' attribute"):
                 AutoDeltaModel.from_finetuned(path, self.model)
+            return
+        if record.attached:
             return
         loaded = AutoDeltaModel.from_finetuned(path, self.model)
         self.records.remove(record)

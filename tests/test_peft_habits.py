@@ -472,22 +472,22 @@ def test_saved_files_follow_the_umask(tmp_path, format, umask):
     assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
-def test_a_second_delta_on_the_backbone_itself_names_it():
+def test_a_second_replacement_of_the_backbone_itself_names_it():
     model = nn.Sequential(nn.Linear(4, 4))
     delta_model = LoraModel(model, modified_modules=["0"], lora_r=2)
-    delta_model.insert_sequential_module(model, nn.Identity(), "extra")
+    delta_model.replace_module(model, nn.Identity(), "extra")
     with pytest.raises(
         ValueError, match=r"the backbone itself \(Sequential\) already has a 'extra'"
     ):
-        delta_model.insert_sequential_module(model, nn.Identity(), "extra")
+        delta_model.replace_module(model, nn.Identity(), "extra")
 
 
-def test_a_second_lora_on_a_module_names_its_path():
+def test_a_second_lora_on_a_module_stacks_as_lora_1():
     model = tiny_model("bert")
-    LoraModel(model, modified_modules=["layer.1.attention.self.query"])
-    with pytest.raises(
-        ValueError,
-        match=r"encoder\.layer\.1\.attention\.self\.query \(Linear\) already has a 'lora'",
-    ):
-        LoraModel(model, modified_modules=["query"])
-    assert isinstance(model.encoder.layer[1].attention.self.query.lora, LoraDelta)
+    first = LoraModel(model, modified_modules=["layer.1.attention.self.query"])
+    LoraModel(model, modified_modules=["query"])
+    query = model.encoder.layer[1].attention.self.query
+    assert isinstance(query.lora, LoraDelta) and isinstance(query.lora_1, LoraDelta)
+    assert query.lora_1.stacked and not query.lora.stacked
+    assert "lora_1" not in dict(model.encoder.layer[0].attention.self.query.named_children())
+    assert first.backends() != {"eager (stacked on another LoRA)"}

@@ -50,6 +50,12 @@ class Attachment:
     # Attachments of one group (a delta spanning two modules) are detached and attached
     # together; the group names them in a checkpoint's targets ("<input> -> <output>").
     group: str | None = None
+    # The name the delta takes on a host that has no other delta of its kind ("adapter"), which
+    # a checkpoint records; delta_name is "adapter_1" for a second adapter on the host.
+    saved_name: str = ""
+
+    def __post_init__(self):
+        self.saved_name = self.saved_name or self.delta_name
 
     @property
     def target(self) -> str:
@@ -151,10 +157,12 @@ class DeltaBase:
         head) to the directory `finetuned_delta_path`; returns its path. Other delta models on
         the backbone are not saved. format="peft" writes LoRA deltas in PEFT's layout
         (adapter_config.json, adapter_model.safetensors) instead. OpenDelta's arguments are
-        taken with the values fastdelta has (save_config=True, push_to_dc=False, the
+        taken with the values fastdelta has (save_config=True, push_to_dc=False or with
+        delay_push=True, which saves into the card's subdirectory as OpenDelta did, the
         DeltaCenter's as no-ops); other values are refused by name."""
         checkpoint.check_save_options(options)
-        return checkpoint.save_finetuned(self, finetuned_delta_path, format)
+        path = checkpoint.save_directory(self, finetuned_delta_path, options)
+        return checkpoint.save_finetuned(self, path, format)
 
     @property
     def delta_type(self) -> str:
@@ -352,8 +360,11 @@ class DeltaBase:
         named `<output_module>.<delta_name>.<name>`; the tap is `<input_module>.<delta_name>_input`.
         The two form one group, which detach() and attach() take off and put back together."""
         group = f"{input_module} -> {output_module}"
-        self._attach(input_module, tap, f"{delta_name}_input", "before", group)
-        self._attach(output_module, delta_module, delta_name, "after", group)
+        # A second delta of this kind on output_module takes a suffix: so does its tap.
+        taken = _free_delta_name(self.backbone_model.get_submodule(output_module), delta_name)
+        suffix = taken[len(delta_name) :]
+        self._attach(input_module, tap, f"{delta_name}_input", "before", group, suffix)
+        self._attach(output_module, delta_module, delta_name, "after", group, suffix)
 
     def mark_delta_module(
         self, module: nn.Module | str, delta_module: nn.Module, delta_name: str | None = None
@@ -361,17 +372,32 @@ class DeltaBase:
         """Attach a delta that takes no part in the forward (it trains host parameters)."""
         self._attach(module, delta_module, delta_name, None)
 
-    def _attach(self, module, delta_module, delta_name, role, group=None) -> None:
+    def _attach(self, module, delta_module, delta_name, role, group=None, suffix=None) -> None:
+        """Attach `delta_module` to `module` as `delta_name` (by default the delta's own), or,
+        on a host that has a delta of that name from another delta model, as OpenDelta names
+        it: `adapter_1`, `adapter_2`, ... (`suffix` chooses the suffix instead)."""
         host_name = module if isinstance(module, str) else self._name_of(module)
         host = self.backbone_model.get_submodule(host_name)
-        delta_name = delta_name or getattr(delta_module, "delta_name", "delta")
+        saved_name = delta_name or getattr(delta_module, "delta_name", "delta")
+        # Not a second forward replacement (LoRA), nor a second delta training the host's own
+        # parameters (BitFit): attach_delta refuses those by name.
+        if role == "replace" or getattr(delta_module, "host_parameter_names", ()):
+            delta_name = saved_name
+        elif suffix is None:
+            delta_name = _free_delta_name(host, saved_name)
+        else:
+            delta_name = saved_name + suffix
         # A new module starts in training mode; the delta follows its host's (an eval-mode
         # model must not run LoRA dropout).
         delta_module.train(host.training)
         check_target_runs(self.backbone_model, host_name, role)
         # The backbone itself has the empty name: error messages name it in words.
         attach_delta(host, delta_module, delta_name, role, host_name or "the backbone itself")
-        self.attachments.append(Attachment(host_name, delta_name, role, delta_module, group=group))
+        self.attachments.append(
+            Attachment(
+                host_name, delta_name, role, delta_module, group=group, saved_name=saved_name
+            )
+        )
 
     def _name_of(self, module: nn.Module) -> str:
         for name, candidate in self.backbone_model.named_modules():
@@ -852,6 +878,15 @@ class _GuardedSavePretrained:
                 "With transformers' Trainer, use fastdelta.DeltaTrainer."
             )
         return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+
+
+def _free_delta_name(host: nn.Module, name: str) -> str:
+    """`name`, or the first of `name_1`, `name_2`, ... that `host` has no attribute of."""
+    candidate, counter = name, 0
+    while candidate in host._modules or hasattr(host, candidate):
+        counter += 1
+        candidate = f"{name}_{counter}"
+    return candidate
 
 
 def _choose_interactively(model: nn.Module, config: BaseDeltaConfig) -> BaseDeltaConfig:

@@ -12,6 +12,7 @@ fastdelta.peft_format's (on fastdelta.checkpoint_io), which this module calls, a
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,23 @@ def attachment_parameters(delta_model, attachment) -> dict[str, nn.Parameter]:
     return found
 
 
+def saved_names(delta_model) -> dict[str, str]:
+    """{name in the backbone: name in a checkpoint} of the tensors whose delta took a suffixed
+    name (`adapter_1`, the second adapter on its host): a checkpoint holds the name the delta
+    takes on a host without another (`adapter`), so it loads the same onto a bare backbone and
+    onto one that carries other deltas already."""
+    names = {}
+    for attachment in delta_model.attachments:
+        if attachment.saved_name == attachment.delta_name:
+            continue
+        prefix = f"{attachment.host_name}." if attachment.host_name else ""
+        for name in attachment.delta.state_dict():
+            names[f"{prefix}{attachment.delta_name}.{name}"] = (
+                f"{prefix}{attachment.saved_name}.{name}"
+            )
+    return names
+
+
 def head_parameters(backbone: nn.Module) -> dict[str, nn.Parameter]:
     """The trainable parameters of `backbone` outside every delta attached to it (a task head),
     a tied one under its first name."""
@@ -142,7 +160,8 @@ def save_finetuned(delta_model, path: str | Path, format: str) -> Path:
     }
     if format == "peft":
         return _save_peft(delta_model, path, owned, head)
-    tensors = {**owned, **head}
+    renamed = saved_names(delta_model)
+    tensors = {renamed.get(name, name): tensor for name, tensor in {**owned, **head}.items()}
     config = {
         **delta_model.config.to_dict(),
         "backbone_class": backbone_class_name(backbone),
@@ -206,7 +225,8 @@ def _save_peft(delta_model, path, owned: dict, head: dict) -> Path:
             "holds a LoRA layer and has trainable parameters of its own: call "
             "delta_model.freeze_module() before save_finetuned(format='peft')"
         )
-    tensors = dict(owned)
+    renamed = saved_names(delta_model)
+    tensors = {renamed.get(name, name): parameter for name, parameter in owned.items()}
     others = delta_parameter_names(backbone) - owned.keys()
     for name in heads:
         for parameter_name, parameter in backbone.get_submodule(name).named_parameters():
@@ -324,7 +344,7 @@ def _fastdelta_tensors(delta_model, checkpoint: Checkpoint) -> tuple[dict, list[
         prefix = f"{attachment.host_name}." if attachment.host_name else ""
         for parameter_name, _ in attachment.delta.named_parameters():
             saved = opendelta_names(
-                delta_model.delta_type, host, attachment.delta_name, parameter_name
+                delta_model.delta_type, host, attachment.saved_name, parameter_name
             )
             names[f"{prefix}{attachment.delta_name}.{parameter_name}"] = tuple(
                 other + name
@@ -429,10 +449,11 @@ def check_save_options(options: dict[str, Any]) -> None:
     """OpenDelta's save_finetuned arguments: what fastdelta does is the default of each;
     anything else is refused by name."""
     options = dict(options)
-    if options.pop("push_to_dc", False):
+    if options.pop("push_to_dc", False) and not options.get("delay_push", False):
         raise ValueError(
             "push_to_dc=True uploads to OpenDelta's DeltaCenter, which fastdelta has no client "
-            "for: save locally and share the directory (or push it to the Hugging Face Hub)"
+            "for: save locally and share the directory (or push it to the Hugging Face Hub); "
+            "with delay_push=True the checkpoint is saved locally, as OpenDelta saved it"
         )
     if not options.pop("save_config", True):
         raise ValueError(
@@ -455,6 +476,32 @@ def check_save_options(options: dict[str, Any]) -> None:
             f"save_finetuned got unsupported argument(s) {', '.join(unknown)}: it takes "
             "finetuned_delta_path and format, and OpenDelta's arguments with their defaults"
         )
+
+
+def save_directory(delta_model, path: str | Path, options: dict[str, Any]) -> Path:
+    """Where save_finetuned writes: `path`, or, with push_to_dc=True and delay_push=True, the
+    subdirectory OpenDelta wrote the checkpoint to for a later DeltaCenter upload, named after
+    the card (center_args' "name", else <backbone>_<delta type>_<tasks>_<time>). There is no
+    DeltaCenter to upload to: a warning says where the checkpoint is."""
+    if not (options.get("push_to_dc") and options.get("delay_push")):
+        return path
+    path = directory_path(path)
+    card = {**(options.get("center_args_pool") or {}), **(options.get("center_args") or {})}
+    name = card.get("name")
+    if not name:
+        tasks = card.get("train_tasks") or card.get("task_name") or card.get("dataset_name")
+        tasks = "+".join(tasks) if isinstance(tasks, list) else tasks
+        parts = [checkpoint_name(delta_model.backbone_model) or "backbone"]
+        parts += [delta_model.delta_type, tasks, time.strftime("%Y%m%d%H%M%S")]
+        name = "_".join(str(part).rsplit("/", 1)[-1] for part in parts if part)
+    directory = path / name
+    warnings.warn(
+        f"push_to_dc=True with delay_push=True: the checkpoint is saved in {directory}, where "
+        "OpenDelta saved it for a later DeltaCenter upload; there is no DeltaCenter to upload "
+        "it to",
+        stacklevel=3,
+    )
+    return directory
 
 
 def check_load_options(checkpoint: Checkpoint, options: dict[str, Any]) -> None:
@@ -536,6 +583,9 @@ def _load(delta_model, checkpoint: Checkpoint) -> None:
     backbone = delta_model.backbone_model
     owned = set(owned_parameters(delta_model))
     tensors, frozen = _fastdelta_tensors(delta_model, checkpoint)
+    actual = {saved: name for name, saved in saved_names(delta_model).items()}
+    tensors = {actual.get(name, name): tensor for name, tensor in tensors.items()}
+    frozen = [actual.get(name, name) for name in frozen]
     load_tensors(
         backbone,
         tensors,

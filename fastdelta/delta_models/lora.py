@@ -12,6 +12,7 @@ from fastdelta.delta_models.base import DeltaBase, config_arguments
 from fastdelta.delta_models.config import LoraConfig, pattern_value
 from fastdelta.delta_models.targets import check_forward_replaceable, check_mergeable
 from fastdelta.injection import detach_delta
+from fastdelta.layers.base import attached_deltas
 from fastdelta.layers.lora import LoraDelta
 from fastdelta.pseudo_input import is_conv1d, linear_sizes
 
@@ -129,7 +130,13 @@ class LoraModel(DeltaBase):
                 fan_in_fan_out=is_conv1d(module),
                 **self.factory_kwargs(module),
             )
-            self.replace_module(name, delta)
+            if any(role == "replace" for _, role in attached_deltas(module)):
+                # A second LoRA on the layer (another delta model's is fused into its forward)
+                # adds its update to the output, as OpenDelta's did, under lora_1.
+                delta.stacked = True
+                self.insert_parallel_module(name, delta)
+            else:
+                self.replace_module(name, delta)
 
 
 def _check_patterns_match(patterns: dict | None, argument: str, targets: list[str]) -> None:

@@ -46,17 +46,14 @@ class LoraDelta(DeltaLayer):
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
+        # A second LoRA on its layer, whose forward the first one's fused op replaces: it
+        # adds its update to that output (forward), in eager PyTorch.
+        self.stacked = False
 
     def replace_forward(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The host's output with the delta: x: [..., in_features] -> [..., out_features]."""
         if self.merged:
-            trainable = self.lora_A.requires_grad or self.lora_B.requires_grad
-            if self.training and torch.is_grad_enabled() and trainable:
-                raise RuntimeError(
-                    "This LoRA delta is merged into its layer's weight, so training it would "
-                    "change nothing: call unmerge() on the delta model before training (or "
-                    "model.eval() / torch.no_grad() for inference)"
-                )
+            self._check_not_training_merged()
             weight = host.weight.t() if self.fan_in_fan_out else host.weight
             return F.linear(x, weight, host.bias)
         return ops.lora_linear(
@@ -69,6 +66,25 @@ class LoraDelta(DeltaLayer):
             self.dropout if self.training else 0.0,
             self.fan_in_fan_out,
         )
+
+    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """A stacked LoRA's output: the host's `output` plus scaling * (drop(x) A^T) B^T, the
+        weights cast to x's dtype."""
+        if self.merged:
+            self._check_not_training_merged()
+            return output
+        dropped = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return output + F.linear(F.linear(dropped, lora_A), lora_B) * self.scaling
+
+    def _check_not_training_merged(self) -> None:
+        trainable = self.lora_A.requires_grad or self.lora_B.requires_grad
+        if self.training and torch.is_grad_enabled() and trainable:
+            raise RuntimeError(
+                "This LoRA delta is merged into its layer's weight, so training it would "
+                "change nothing: call unmerge() on the delta model before training (or "
+                "model.eval() / torch.no_grad() for inference)"
+            )
 
     @torch.no_grad()
     def merge(self, host: nn.Module) -> None:
@@ -95,6 +111,8 @@ class LoraDelta(DeltaLayer):
     def backend_name(self) -> str:
         if self.merged:
             return "merged"
+        if self.stacked:
+            return "eager (stacked on another LoRA)"
         (out_features, rank), in_features = self.lora_B.shape, self.lora_A.shape[1]
         return ops.backend_description(
             "lora",
