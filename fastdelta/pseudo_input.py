@@ -106,8 +106,37 @@ def _sizes_from_pseudo_forward(backbone: nn.Module, modules: dict[str, nn.Module
 def run_pseudo_forward(backbone: nn.Module, names: list[str], purpose: str, fix: str) -> str:
     """Run the forward of `backbone` (of its base model when the modules `names` are all inside
     it) once on its pseudo input, without gradients and in eval mode, restoring each module's
-    mode after; returns the input, described. A failure is raised saying what the pass was
-    for (`purpose`, "finds ...") and, besides giving the backbone `dummy_inputs`, `fix`."""
+    mode after; returns the input, described. A backbone without `dummy_inputs` that holds
+    models with them (a user's module wrapping pretrained models, which may have no forward of
+    its own) runs those models on theirs instead, each for the modules inside it, as OpenDelta
+    did; the modules inside none of them run with the backbone. A failure is raised saying what
+    the pass was for (`purpose`, "finds ...") and, besides giving the backbone `dummy_inputs`,
+    `fix`."""
+    own = getattr(backbone, "dummy_inputs", None)
+    inner = [] if own is not None else _models_with_dummy_inputs(backbone)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        prefix = next((p for p, _ in inner if name.startswith(p + ".") or name == p), "")
+        groups.setdefault(prefix, []).append(name)
+    described = []
+    for prefix, group in groups.items():
+        module = backbone.get_submodule(prefix) if prefix else backbone
+        inside = [name[len(prefix) + 1 :] if prefix else name for name in group]
+        described.append(_run_one_pseudo_forward(module, inside, purpose, fix))
+    return ", ".join(described)
+
+
+def _models_with_dummy_inputs(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of each outermost submodule of `backbone` that has `dummy_inputs`."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in backbone.named_modules():
+        inside_found = any(name.startswith(prefix + ".") for prefix, _ in found)
+        if name and not inside_found and getattr(module, "dummy_inputs", None) is not None:
+            found.append((name, module))
+    return found
+
+
+def _run_one_pseudo_forward(backbone: nn.Module, names: list[str], purpose: str, fix: str) -> str:
     runner = _smallest_runner(backbone, names)
     pseudo_input = getattr(runner, "dummy_inputs", None)
     if pseudo_input is None:
