@@ -316,7 +316,15 @@ def lora_arguments(
         "use_rslora": config.get("use_rslora") or False,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
+        # The initialisation, where fastdelta has it (the others only made the saved tensors).
+        **_initialisation(config.get("init_lora_weights", True)),
     }
+
+
+def _initialisation(value) -> dict[str, Any]:
+    if isinstance(value, bool) or value == "gaussian":
+        return {"init_lora_weights": value}
+    return {}
 
 
 def read_peft_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -362,7 +370,7 @@ def peft_config(
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "modules_to_save": heads or None,
-        "init_lora_weights": True,
+        "init_lora_weights": arguments["init_lora_weights"],
         "inference_mode": True,
         "use_dora": False,
     }

@@ -205,6 +205,24 @@ def _require_bool(value, name: str) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
+# init_lora_weights values: implemented, and PEFT's that change the base weight (not yet).
+LORA_INITS = (True, False, "gaussian")
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def _check_lora_init(value) -> None:
+    if isinstance(value, bool) or value == "gaussian":
+        return
+    if isinstance(value, str) and value.split("_niter_")[0] in BASE_CHANGING_INITS:
+        raise ValueError(
+            f"init_lora_weights={value!r} changes the base layer's weight, which fastdelta does "
+            "not support yet: use True (the default), 'gaussian' or False"
+        )
+    raise ValueError(
+        f"init_lora_weights must be True, False or 'gaussian' (PEFT's names), got {value!r}"
+    )
+
+
 def _check_interactive(value) -> None:
     """interactive_modify is a bool or a port number (as in OpenDelta, 0 is off)."""
     is_port = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 65535
@@ -267,6 +285,10 @@ class LoraConfig(BaseDeltaConfig):
     # (at a dot boundary) gives that module its own rank or alpha.
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
+    # PEFT's initialisation (its name and values): True, A kaiming-uniform and B zeros (a fresh
+    # delta changes nothing); "gaussian", A ~ N(0, 1/r) and B zeros; False, both kaiming-uniform
+    # (the delta starts non-zero, for tests).
+    init_lora_weights: bool | str = True
     # PEFT's names, translated by __post_init__ (not fields: a config holds fastdelta's names).
     r: InitVar[int | None] = None
     target_modules: InitVar[list[str] | str | None] = None
@@ -292,6 +314,7 @@ class LoraConfig(BaseDeltaConfig):
                     raise ValueError(
                         f"{argument} key {pattern!r} is not a regex: {error}"
                     ) from None
+        _check_lora_init(self.init_lora_weights)
         _require_finite(self.lora_dropout, "lora_dropout")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")

@@ -48,6 +48,7 @@ class LoraModel(DeltaBase):
         use_rslora: bool = False,
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
+        init_lora_weights: bool | str = True,
         delta_dtype: torch.dtype | str | None = None,
         r: int | None = None,
         target_modules: list[str] | str | None = None,
@@ -128,6 +129,7 @@ class LoraModel(DeltaBase):
                 dropout=config.lora_dropout,
                 use_rslora=config.use_rslora,
                 fan_in_fan_out=is_conv1d(module),
+                init=config.init_lora_weights,
                 **self.factory_kwargs(module),
             )
             if any(role == "replace" for _, role in attached_deltas(module)):

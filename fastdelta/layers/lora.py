@@ -16,7 +16,9 @@ class LoraDelta(DeltaLayer):
     """LoRA on a linear layer (loralib's vocabulary): y = base(x) + scaling * (drop(x) A^T) B^T.
 
     lora_A: [r, in_features], kaiming-uniform; lora_B: [out_features, r], zeros, so a fresh
-    delta leaves the output unchanged. scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
+    delta leaves the output unchanged (`init`, PEFT's init_lora_weights: True; "gaussian" draws
+    A from N(0, 1/r); False draws B kaiming-uniform too, as nn.Linear would).
+    scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
     It replaces its host's forward so the host's matmul and the delta run as one op.
     `merge(host)` folds scaling * B A into the host's weight for inference (the host then runs
     as a plain linear layer) and `unmerge(host)` takes it back out.
@@ -35,6 +37,7 @@ class LoraDelta(DeltaLayer):
         fan_in_fan_out: bool = False,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        init: bool | str = True,
     ):
         super().__init__()
         self.r = r
@@ -44,7 +47,12 @@ class LoraDelta(DeltaLayer):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         self.merged = False
         # A second LoRA on its layer, whose forward the first one's fused op replaces: it
         # adds its update to that output (forward), in eager PyTorch.
