@@ -36,7 +36,12 @@ from fastdelta.pseudo_input import linear_sizes
 CONFIG_NAME = PEFT_CONFIG_NAME
 WEIGHTS_NAMES = PEFT_WEIGHTS_NAMES
 PREFIX = "base_model.model."
-LORA_KEYS = {".lora_A.weight": ".lora.lora_A", ".lora_B.weight": ".lora.lora_B"}
+LORA_KEYS = {
+    ".lora_A.weight": ".lora.lora_A",
+    ".lora_B.weight": ".lora.lora_B",
+    ".lora_embedding_A": ".lora.lora_embedding_A",
+    ".lora_embedding_B": ".lora.lora_embedding_B",
+}
 # Fields fastdelta reads and implements.
 IMPLEMENTED_FIELDS = (
     "peft_type",

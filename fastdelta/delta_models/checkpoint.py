@@ -32,7 +32,7 @@ from fastdelta.checkpoint_io import (
 )
 from fastdelta.delta_models.config import config_class_for
 from fastdelta.layers.base import delta_parameter_names
-from fastdelta.layers.lora import LoraDelta
+from fastdelta.layers.lora import LoraDelta, LoraEmbeddingDelta
 from fastdelta.opendelta_checkpoint import (
     opendelta_arguments,
     opendelta_names,
@@ -205,12 +205,18 @@ def _check_savable(delta_model) -> None:
 def _save_peft(delta_model, path, owned: dict, head: dict) -> Path:
     backbone = delta_model.backbone_model
     attachments = delta_model.attachments
-    if not all(isinstance(attachment.delta, LoraDelta) for attachment in attachments):
+    lora_types = (LoraDelta, LoraEmbeddingDelta)
+    if not all(isinstance(attachment.delta, lora_types) for attachment in attachments):
         raise ValueError(
             f"format='peft' saves LoRA deltas, and this {type(delta_model).__name__} has none: "
             "save it with format='fastdelta'"
         )
-    conv1d = {is_conv1d(backbone.get_submodule(a.host_name)) for a in attachments}
+    # fan_in_fan_out is about the linear layers (an embedding's LoRA has one layout).
+    conv1d = {
+        is_conv1d(backbone.get_submodule(a.host_name))
+        for a in attachments
+        if not isinstance(a.delta, LoraEmbeddingDelta)
+    } or {False}
     if len(conv1d) > 1:
         raise ValueError(
             "PEFT's fan_in_fan_out is one setting per adapter, but these deltas modify both "

@@ -13,7 +13,7 @@ from fastdelta.delta_models.config import LoraConfig, pattern_value
 from fastdelta.delta_models.targets import check_forward_replaceable, check_mergeable
 from fastdelta.injection import detach_delta
 from fastdelta.layers.base import attached_deltas
-from fastdelta.layers.lora import LoraDelta
+from fastdelta.layers.lora import LoraDelta, LoraEmbeddingDelta
 from fastdelta.pseudo_input import is_conv1d, linear_sizes
 
 
@@ -93,26 +93,27 @@ class LoraModel(DeltaBase):
 
     def add_all_delta_to_backbone(self, targets: list[str]) -> None:
         modules = {name: self.backbone_model.get_submodule(name) for name in targets}
-        unsupported = [name for name, module in modules.items() if linear_sizes(module) is None]
+        unsupported = [name for name, module in modules.items() if _lora_sizes(module) is None]
         if unsupported:
             raise TypeError(
-                "LoRA modifies nn.Linear and transformers' Conv1D layers, but "
+                "LoRA modifies nn.Linear, transformers' Conv1D and nn.Embedding layers, but "
                 + ", ".join(f"{name} is a {type(modules[name]).__name__}" for name in unsupported)
                 + ". Name linear layers in modified_modules"
                 + _linear_children_hint(modules[unsupported[0]], unsupported[0])
             )
         for name, module in modules.items():
-            check_forward_replaceable(module, name)
+            if not isinstance(module, nn.Embedding):
+                check_forward_replaceable(module, name)
         config = self.config
         for argument in ("rank_pattern", "alpha_pattern"):
             _check_patterns_match(getattr(config, argument), argument, list(modules))
         ranks = {name: pattern_value(config.rank_pattern, name, config.lora_r) for name in modules}
-        oversized = [name for name in modules if ranks[name] > min(linear_sizes(modules[name]))]
+        oversized = [name for name in modules if ranks[name] > min(_lora_sizes(modules[name]))]
         if oversized:
             name = oversized[0]
             warnings.warn(
                 f"The LoRA rank {ranks[name]} exceeds min(in_features, out_features) = "
-                f"{min(linear_sizes(modules[name]))} of {name}"
+                f"{min(_lora_sizes(modules[name]))} of {name}"
                 + (f" and {len(oversized) - 1} more layers" if oversized[1:] else "")
                 + ": B A has at most that rank, so the rest adds parameters and no capacity; a "
                 "smaller lora_r (or rank_pattern entries for these layers) trains the same",
@@ -120,6 +121,9 @@ class LoraModel(DeltaBase):
                 stacklevel=4,
             )
         for name, module in modules.items():
+            if isinstance(module, nn.Embedding):
+                self.replace_module(name, self._embedding_delta(name, module, ranks[name]))
+                continue
             in_features, out_features = linear_sizes(module)
             delta = LoraDelta(
                 in_features,
@@ -139,6 +143,30 @@ class LoraModel(DeltaBase):
                 self.insert_parallel_module(name, delta)
             else:
                 self.replace_module(name, delta)
+
+    def _embedding_delta(self, name: str, module: nn.Embedding, rank: int) -> LoraEmbeddingDelta:
+        config = self.config
+        if any(role == "replace" for _, role in attached_deltas(module)):
+            raise ValueError(
+                f"{name} already has a LoRA delta of another delta model; an embedding takes one"
+            )
+        return LoraEmbeddingDelta(
+            module.num_embeddings,
+            module.embedding_dim,
+            r=rank,
+            alpha=pattern_value(config.alpha_pattern, name, config.lora_alpha),
+            use_rslora=config.use_rslora,
+            init=config.init_lora_weights,
+            **self.factory_kwargs(module),
+        )
+
+
+def _lora_sizes(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) sizes of a layer LoRA modifies (an embedding: its vocabulary and width), or
+    None for one it does not."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return linear_sizes(module)
 
 
 def _check_patterns_match(patterns: dict | None, argument: str, targets: list[str]) -> None:

@@ -9,10 +9,52 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdelta import ops
+from fastdelta.injection import original_class
 from fastdelta.layers.base import DeltaLayer
 
 
-class LoraDelta(DeltaLayer):
+class _Mergeable:
+    """merge / unmerge of a low-rank delta: its `_low_rank()` gives (A, B, whether the host's
+    weight holds (B A)^T), and it keeps `merged` and `scaling`."""
+
+    @torch.no_grad()
+    def merge(self, host: nn.Module) -> None:
+        """Add scaling * B A to the host's weight (computed in float32, rounded once)."""
+        if not self.merged:
+            self._add_to_weight(host, 1.0)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, host: nn.Module) -> None:
+        """Subtract what merge() added: the weight comes back to within its dtype's rounding."""
+        if self.merged:
+            self._add_to_weight(host, -1.0)
+            self.merged = False
+
+    def _add_to_weight(self, host: nn.Module, sign: float) -> None:
+        lora_A, lora_B, transposed = self._low_rank()
+        delta = (lora_B.float() @ lora_A.float()) * (sign * self.scaling)
+        weight = host.weight
+        weight.copy_(weight.float() + (delta.t() if transposed else delta))
+
+    def on_detach(self, host: nn.Module) -> None:
+        self.unmerge(host)
+
+    def _check_not_training_merged(self) -> None:
+        lora_A, lora_B, _ = self._low_rank()
+        if (
+            self.training
+            and torch.is_grad_enabled()
+            and (lora_A.requires_grad or lora_B.requires_grad)
+        ):
+            raise RuntimeError(
+                "This LoRA delta is merged into its layer's weight, so training it would "
+                "change nothing: call unmerge() on the delta model before training (or "
+                "model.eval() / torch.no_grad() for inference)"
+            )
+
+
+class LoraDelta(_Mergeable, DeltaLayer):
     """LoRA on a linear layer (loralib's vocabulary): y = base(x) + scaling * (drop(x) A^T) B^T.
 
     lora_A: [r, in_features], kaiming-uniform; lora_B: [out_features, r], zeros, so a fresh
@@ -85,36 +127,8 @@ class LoraDelta(DeltaLayer):
         lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return output + F.linear(F.linear(dropped, lora_A), lora_B) * self.scaling
 
-    def _check_not_training_merged(self) -> None:
-        trainable = self.lora_A.requires_grad or self.lora_B.requires_grad
-        if self.training and torch.is_grad_enabled() and trainable:
-            raise RuntimeError(
-                "This LoRA delta is merged into its layer's weight, so training it would "
-                "change nothing: call unmerge() on the delta model before training (or "
-                "model.eval() / torch.no_grad() for inference)"
-            )
-
-    @torch.no_grad()
-    def merge(self, host: nn.Module) -> None:
-        """Add scaling * B A to the host's weight (computed in float32, rounded once)."""
-        if not self.merged:
-            self._add_to_weight(host, 1.0)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self, host: nn.Module) -> None:
-        """Subtract what merge() added: the weight comes back to within its dtype's rounding."""
-        if self.merged:
-            self._add_to_weight(host, -1.0)
-            self.merged = False
-
-    def _add_to_weight(self, host: nn.Module, sign: float) -> None:
-        delta = (self.lora_B.float() @ self.lora_A.float()) * (sign * self.scaling)
-        weight = host.weight
-        weight.copy_(weight.float() + (delta.t() if self.fan_in_fan_out else delta))
-
-    def on_detach(self, host: nn.Module) -> None:
-        self.unmerge(host)
+    def _low_rank(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        return self.lora_A, self.lora_B, self.fan_in_fan_out
 
     def backend_name(self) -> str:
         if self.merged:
@@ -137,4 +151,77 @@ class LoraDelta(DeltaLayer):
             f"in_features={self.lora_A.shape[1]}, out_features={out_features}, r={r}, "
             f"scaling={self.scaling:g}, dropout={self.dropout:g}"
             + (", merged" if self.merged else "")
+        )
+
+
+class LoraEmbeddingDelta(_Mergeable, DeltaLayer):
+    """LoRA on an nn.Embedding, as PEFT computes it: y = embed(ids) + scaling *
+    A^T[ids] B^T, the lookup in A^T taking the host's padding_idx, max_norm and other options,
+    and an `embed_scale` the host multiplies its output by (Gemma 3) applied to the update too.
+
+    lora_embedding_A: [r, num_embeddings], lora_embedding_B: [embedding_dim, r] (PEFT's names
+    and layout). PEFT's initialisations: True and "gaussian" give A zeros and B ~ N(0, 1), so a
+    fresh delta changes nothing; False, both N(0, 1). PEFT applies no dropout to it, nor does
+    this. The lookup and the [..., r] x [r, dim] product are PyTorch's own (an embedding
+    layer's update is a gather, not a GEMM to fuse).
+    """
+
+    delta_name = "lora"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int,
+        alpha: float,
+        use_rslora: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        init: bool | str = True,
+    ):
+        super().__init__()
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        factory = {"device": device, "dtype": dtype}
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, num_embeddings, **factory))
+        self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, **factory))
+        nn.init.normal_(self.lora_embedding_B)
+        if init is False:
+            nn.init.normal_(self.lora_embedding_A)
+        self.merged = False
+
+    def replace_forward(self, host: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """The host's output (its own class's forward, embed_scale included) plus the update."""
+        output = original_class(host).forward(host, ids)
+        if self.merged:
+            self._check_not_training_merged()
+            return output
+        after_A = F.embedding(
+            ids,
+            self.lora_embedding_A.t(),
+            padding_idx=host.padding_idx,
+            max_norm=host.max_norm,
+            norm_type=host.norm_type,
+            scale_grad_by_freq=host.scale_grad_by_freq,
+            sparse=host.sparse,
+        )
+        update = (after_A @ self.lora_embedding_B.t()) * self.scaling
+        embed_scale = getattr(host, "embed_scale", None)
+        if embed_scale is not None:
+            update = update * torch.as_tensor(embed_scale, device=update.device).to(update.dtype)
+        return output + update.to(output.dtype)
+
+    def _low_rank(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        # The embedding table is [num_embeddings, dim]: it holds (B A)^T.
+        return self.lora_embedding_A, self.lora_embedding_B, True
+
+    def backend_name(self) -> str:
+        return "merged" if self.merged else "torch (embedding lookup)"
+
+    def extra_repr(self) -> str:
+        dim, r = self.lora_embedding_B.shape
+        return (
+            f"num_embeddings={self.lora_embedding_A.shape[1]}, embedding_dim={dim}, r={r}, "
+            f"scaling={self.scaling:g}" + (", merged" if self.merged else "")
         )
