@@ -13,9 +13,15 @@ from fastdelta.injection import original_class
 from fastdelta.layers.base import DeltaLayer
 
 
-class _Mergeable:
-    """merge / unmerge of a low-rank delta: its `_low_rank()` gives (A, B, whether the host's
-    weight holds (B A)^T), and it keeps `merged` and `scaling`."""
+class _LowRank:
+    """What LoRA's deltas share: rank, alpha and scaling, and merge / unmerge (`_low_rank()`
+    gives (A, B, whether the host's weight holds (B A)^T))."""
+
+    def _set_scaling(self, r: int, alpha: float, use_rslora: bool) -> None:
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.merged = False
 
     @torch.no_grad()
     def merge(self, host: nn.Module) -> None:
@@ -54,7 +60,7 @@ class _Mergeable:
             )
 
 
-class LoraDelta(_Mergeable, DeltaLayer):
+class LoraDelta(_LowRank, DeltaLayer):
     """LoRA on a linear layer (loralib's vocabulary): y = base(x) + scaling * (drop(x) A^T) B^T.
 
     lora_A: [r, in_features], kaiming-uniform; lora_B: [out_features, r], zeros, so a fresh
@@ -82,11 +88,9 @@ class LoraDelta(_Mergeable, DeltaLayer):
         init: bool | str = True,
     ):
         super().__init__()
-        self.r = r
-        self.alpha = alpha
+        self._set_scaling(r, alpha, use_rslora)
         self.dropout = dropout
         self.fan_in_fan_out = fan_in_fan_out
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         if init == "gaussian":
@@ -95,7 +99,6 @@ class LoraDelta(_Mergeable, DeltaLayer):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         if init is False:
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        self.merged = False
         # A second LoRA on its layer, whose forward the first one's fused op replaces: it
         # adds its update to that output (forward), in eager PyTorch.
         self.stacked = False
@@ -154,7 +157,7 @@ class LoraDelta(_Mergeable, DeltaLayer):
         )
 
 
-class LoraEmbeddingDelta(_Mergeable, DeltaLayer):
+class LoraEmbeddingDelta(_LowRank, DeltaLayer):
     """LoRA on an nn.Embedding, as PEFT computes it: y = embed(ids) + scaling *
     A^T[ids] B^T, the lookup in A^T taking the host's padding_idx, max_norm and other options,
     and an `embed_scale` the host multiplies its output by (Gemma 3) applied to the update too.
@@ -180,16 +183,13 @@ class LoraEmbeddingDelta(_Mergeable, DeltaLayer):
         init: bool | str = True,
     ):
         super().__init__()
-        self.r = r
-        self.alpha = alpha
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self._set_scaling(r, alpha, use_rslora)
         factory = {"device": device, "dtype": dtype}
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, num_embeddings, **factory))
         self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, **factory))
         nn.init.normal_(self.lora_embedding_B)
         if init is False:
             nn.init.normal_(self.lora_embedding_A)
-        self.merged = False
 
     def replace_forward(self, host: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """The host's output (its own class's forward, embed_scale included) plus the update."""
