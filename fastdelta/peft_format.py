@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,16 @@ UNSUPPORTED_FIELDS = (
     "monteclora_config",
     "velora_config",
 )
+
+
+def base_changing_init(value) -> bool:
+    """Whether init_lora_weights `value` (PEFT's name) is one fastdelta has that changes the
+    base weight: PiSSA ("pissa", "pissa_niter_K") or OLoRA ("olora")."""
+    return value in ("pissa", "olora") or (
+        isinstance(value, str) and bool(re.fullmatch(r"pissa_niter_[1-9][0-9]*", value))
+    )
+
+
 # init_lora_weights values that only initialise A and B (a trained adapter is then plain LoRA).
 # The others (pissa, olora, corda, loftq, ...) also change the base weights unless PEFT converted
 # the adapter when saving it (it then writes True), or select a LoRA variant (mica).
@@ -155,7 +166,16 @@ def read_peft_config(path: str | Path) -> dict[str, Any]:
     if config.get("bias", "none") != "none":
         refused.append(f"bias={config['bias']!r}")
     initialisation = config.get("init_lora_weights", True)
-    if not any(
+    if base_changing_init(initialisation):
+        warnings.warn(
+            f"{config_file} is a {initialisation} adapter saved unconverted: its deltas apply to "
+            "the residual base model PEFT's initialisation left (the weights minus B_0 A_0), as "
+            "in PEFT; load it onto that model, or save the adapter with PEFT's "
+            "path_initial_model_for_weight_conversion to load it onto the original one",
+            UserWarning,
+            stacklevel=4,
+        )
+    elif not any(
         initialisation is value or initialisation == value for value in PLAIN_INITIALISATIONS
     ):
         refused.append(

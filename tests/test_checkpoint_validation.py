@@ -329,10 +329,8 @@ def test_every_field_of_peft_lora_config_is_classified():
     assert fields - known == set(), "classify these PEFT fields in fastdelta.peft_format"
 
 
+# PiSSA / OLoRA adapters saved unconverted load, with a warning (tests/test_lora_init.py).
 PEFT_REFUSED = [
-    ("init_lora_weights", "pissa"),
-    ("init_lora_weights", "pissa_niter_4"),
-    ("init_lora_weights", "olora"),
     ("init_lora_weights", "corda"),
     ("init_lora_weights", "loftq"),
     ("init_lora_weights", "mica"),

@@ -158,12 +158,13 @@ def save_finetuned(delta_model, path: str | Path, format: str) -> Path:
         for name, parameter in head_parameters(backbone).items()
         if id(parameter) not in owned_ids
     }
+    owned, arguments = as_plain_lora(delta_model, owned)
     if format == "peft":
-        return _save_peft(delta_model, path, owned, head)
+        return _save_peft(delta_model, path, owned, head, arguments)
     renamed = saved_names(delta_model)
     tensors = {renamed.get(name, name): tensor for name, tensor in {**owned, **head}.items()}
     config = {
-        **delta_model.config.to_dict(),
+        **arguments,
         "backbone_class": backbone_class_name(backbone),
         "backbone_checkpoint_name": checkpoint_name(backbone),
         "targets": list(dict.fromkeys(attachment.target for attachment in delta_model.attachments)),
@@ -174,6 +175,45 @@ def save_finetuned(delta_model, path: str | Path, format: str) -> Path:
         "transformers_version": transformers.__version__,
     }
     return write_checkpoint(path, config, tensors)
+
+
+def as_plain_lora(delta_model, owned: dict) -> tuple[dict, dict[str, Any]]:
+    """(the tensors to save, the config arguments to save) of `delta_model`: its own, except
+    for PiSSA / OLoRA deltas, which took scaling * B_0 A_0 out of their layer's weight. Those
+    are saved as the plain LoRA they amount to on the weight as it was, so a checkpoint loads
+    onto the unchanged base model: B A - B_0 A_0 = [B, -B_0] [A; A_0], rank 2r at the same
+    scaling (alpha doubled, or times sqrt(2) with rsLoRA), init_lora_weights True. This is
+    PEFT's path_initial_model_for_weight_conversion; the outputs are the trained model's to
+    float rounding (the base weight is no longer the rounded residual)."""
+    arguments = delta_model.config.to_dict()
+    changed = [
+        attachment
+        for attachment in delta_model.attachments
+        if getattr(attachment.delta, "lora_A_init", None) is not None
+    ]
+    if not changed:
+        return owned, arguments
+    owned = dict(owned)
+    with torch.no_grad():
+        for attachment in changed:
+            delta = attachment.delta
+            prefix = f"{attachment.host_name}.{attachment.delta_name}."
+            for name, trained, initial, dim in (
+                ("lora_A", delta.lora_A, delta.lora_A_init, 0),
+                ("lora_B", delta.lora_B, -delta.lora_B_init, 1),
+            ):
+                joined = torch.cat([trained, initial.to(trained.dtype)], dim=dim)
+                owned[prefix + name] = joined.requires_grad_(trained.requires_grad)
+    factor = 2**0.5 if arguments["use_rslora"] else 2
+    arguments.update(
+        lora_r=2 * arguments["lora_r"],
+        lora_alpha=factor * arguments["lora_alpha"],
+        rank_pattern={k: 2 * v for k, v in (arguments["rank_pattern"] or {}).items()} or None,
+        alpha_pattern={k: factor * v for k, v in (arguments["alpha_pattern"] or {}).items()}
+        or None,
+        init_lora_weights=True,
+    )
+    return owned, arguments
 
 
 def _check_savable(delta_model) -> None:
@@ -202,7 +242,7 @@ def _check_savable(delta_model) -> None:
         )
 
 
-def _save_peft(delta_model, path, owned: dict, head: dict) -> Path:
+def _save_peft(delta_model, path, owned: dict, head: dict, arguments: dict[str, Any]) -> Path:
     backbone = delta_model.backbone_model
     attachments = delta_model.attachments
     lora_types = (LoraDelta, LoraEmbeddingDelta)
@@ -246,7 +286,7 @@ def _save_peft(delta_model, path, owned: dict, head: dict) -> Path:
             tensors[f"{name}.{parameter_name}"] = parameter
     model_type = getattr(getattr(backbone, "config", None), "model_type", None)
     config = peft_config(
-        delta_model.config.to_dict(),
+        arguments,
         [attachment.host_name for attachment in attachments],
         conv1d.pop(),
         heads,

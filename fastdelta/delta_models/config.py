@@ -19,7 +19,7 @@ import torch
 
 from fastdelta.addressing import check_entries, pattern_matches
 from fastdelta.ops.activations import canonical_activation
-from fastdelta.peft_format import as_entries
+from fastdelta.peft_format import as_entries, base_changing_init
 
 SUPPORTED_MODEL_BACKENDS = ("hf",)
 # OpenDelta's options for fetching a checkpoint from a hub, which fastdelta (local directories
@@ -205,21 +205,21 @@ def _require_bool(value, name: str) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
-# init_lora_weights values: implemented, and PEFT's that change the base weight (not yet).
-LORA_INITS = (True, False, "gaussian")
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# PEFT's init_lora_weights values that fastdelta has not: they need data or a quantizer.
+OTHER_PEFT_INITS = ("corda", "loftq", "eva", "lora_ga", "mica", "orthogonal")
 
 
 def _check_lora_init(value) -> None:
-    if isinstance(value, bool) or value == "gaussian":
+    if isinstance(value, bool) or value == "gaussian" or base_changing_init(value):
         return
-    if isinstance(value, str) and value.split("_niter_")[0] in BASE_CHANGING_INITS:
+    if value in OTHER_PEFT_INITS:
         raise ValueError(
-            f"init_lora_weights={value!r} changes the base layer's weight, which fastdelta does "
-            "not support yet: use True (the default), 'gaussian' or False"
+            f"init_lora_weights={value!r} is PEFT's, which fastdelta does not have: use True "
+            "(the default), 'gaussian', False, 'pissa', 'pissa_niter_K' or 'olora'"
         )
     raise ValueError(
-        f"init_lora_weights must be True, False or 'gaussian' (PEFT's names), got {value!r}"
+        "init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K "
+        f"iterations) or 'olora' (PEFT's names), got {value!r}"
     )
 
 
@@ -287,7 +287,8 @@ class LoraConfig(BaseDeltaConfig):
     alpha_pattern: dict[str, float] | None = None
     # PEFT's initialisation (its name and values): True, A kaiming-uniform and B zeros (a fresh
     # delta changes nothing); "gaussian", A ~ N(0, 1/r) and B zeros; False, both kaiming-uniform
-    # (the delta starts non-zero, for tests).
+    # (the delta starts non-zero, for tests); "pissa" / "pissa_niter_K" / "olora", A and B from
+    # the base weight's SVD / QR, scaling * B A taken out of the base weight.
     init_lora_weights: bool | str = True
     # PEFT's names, translated by __post_init__ (not fields: a config holds fastdelta's names).
     r: InitVar[int | None] = None

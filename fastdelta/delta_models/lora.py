@@ -14,6 +14,7 @@ from fastdelta.delta_models.targets import check_forward_replaceable, check_merg
 from fastdelta.injection import detach_delta
 from fastdelta.layers.base import attached_deltas
 from fastdelta.layers.lora import LoraDelta, LoraEmbeddingDelta
+from fastdelta.peft_format import base_changing_init
 from fastdelta.pseudo_input import is_conv1d, linear_sizes
 
 
@@ -120,6 +121,7 @@ class LoraModel(DeltaBase):
                 UserWarning,
                 stacklevel=4,
             )
+        from_weight = []  # PiSSA / OLoRA deltas: their hosts' weights change once all attach
         for name, module in modules.items():
             if isinstance(module, nn.Embedding):
                 self.replace_module(name, self._embedding_delta(name, module, ranks[name]))
@@ -136,6 +138,9 @@ class LoraModel(DeltaBase):
                 init=config.init_lora_weights,
                 **self.factory_kwargs(module),
             )
+            if base_changing_init(config.init_lora_weights):
+                delta.initialise_from_weight(module.weight, config.init_lora_weights)
+                from_weight.append((module, delta))
             if any(role == "replace" for _, role in attached_deltas(module)):
                 # A second LoRA on the layer (another delta model's is fused into its forward)
                 # adds its update to the output, as OpenDelta's did, under lora_1.
@@ -143,6 +148,8 @@ class LoraModel(DeltaBase):
                 self.insert_parallel_module(name, delta)
             else:
                 self.replace_module(name, delta)
+        for module, delta in from_weight:
+            delta.subtract_initial(module)
 
     def _embedding_delta(self, name: str, module: nn.Embedding, rank: int) -> LoraEmbeddingDelta:
         config = self.config

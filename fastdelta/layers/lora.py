@@ -99,6 +99,10 @@ class LoraDelta(_LowRank, DeltaLayer):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         if init is False:
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        # PiSSA / OLoRA (`initialise_from_weight`): the first A and B, in float32, which the
+        # host's weight had subtracted (scaled) while the delta is attached.
+        self.register_buffer("lora_A_init", None, persistent=False)
+        self.register_buffer("lora_B_init", None, persistent=False)
         # A second LoRA on its layer, whose forward the first one's fused op replaces: it
         # adds its update to that output (forward), in eager PyTorch.
         self.stacked = False
@@ -132,6 +136,49 @@ class LoraDelta(_LowRank, DeltaLayer):
 
     def _low_rank(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         return self.lora_A, self.lora_B, self.fan_in_fan_out
+
+    @torch.no_grad()
+    def initialise_from_weight(self, weight: torch.Tensor, method: str) -> None:
+        """PEFT's PiSSA ("pissa", or "pissa_niter_K": K subspace iterations of a randomized
+        SVD) or OLoRA ("olora") initialisation from the host's `weight`: A and B from its top
+        singular triplets (PiSSA: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T) or from its
+        QR factors (OLoRA: B = Q_r, A = R_r), computed in float32. `subtract_initial` then takes
+        scaling * B A out of the weight, so the model computes what it did."""
+        base = weight.float()
+        base = base.t() if self.fan_in_fan_out else base  # [out, in]
+        r = self.lora_A.shape[0]
+        if method == "olora":
+            q, upper = torch.linalg.qr(base)
+            lora_A, lora_B = upper[:r], q[:, :r]
+        else:
+            if method == "pissa":
+                u, singular, vh = torch.linalg.svd(base, full_matrices=False)
+                u, singular, vh = u[:, :r], singular[:r], vh[:r]
+            else:
+                iterations = int(method.split("_niter_")[1])
+                u, singular, v = torch.svd_lowrank(base, r, niter=iterations)
+                vh = v.t()
+            root = torch.sqrt(singular / self.scaling)
+            lora_A, lora_B = root[:, None] * vh, u * root
+        self.lora_A_init, self.lora_B_init = lora_A.contiguous(), lora_B.contiguous()
+        self.lora_A.copy_(lora_A)
+        self.lora_B.copy_(lora_B)
+
+    @torch.no_grad()
+    def subtract_initial(self, host: nn.Module, sign: float = 1.0) -> None:
+        """Take scaling * B_0 A_0 out of the host's weight (sign -1: put it back), in float32."""
+        if self.lora_A_init is None:
+            return
+        delta = (self.lora_B_init @ self.lora_A_init) * (sign * self.scaling)
+        weight = host.weight
+        weight.copy_(weight.float() - (delta.t() if self.fan_in_fan_out else delta))
+
+    def on_detach(self, host: nn.Module) -> None:
+        super().on_detach(host)
+        self.subtract_initial(host, -1.0)  # the host's own weight again (to float rounding)
+
+    def on_attach(self, host: nn.Module) -> None:
+        self.subtract_initial(host)
 
     def backend_name(self) -> str:
         if self.merged:
