@@ -42,6 +42,7 @@ LORA_KEYS = {
     ".lora_B.weight": ".lora.lora_B",
     ".lora_embedding_A": ".lora.lora_embedding_A",
     ".lora_embedding_B": ".lora.lora_embedding_B",
+    ".lora_magnitude_vector": ".lora.lora_magnitude_vector",
 }
 # Fields fastdelta reads and implements.
 IMPLEMENTED_FIELDS = (
@@ -58,6 +59,7 @@ IMPLEMENTED_FIELDS = (
     "modules_to_save",
     "bias",
     "init_lora_weights",
+    "use_dora",
 )
 # Fields that do not change what a trained adapter computes: bookkeeping, initialisation-only
 # settings (the saved tensors are the result) and run-time options. fan_in_fan_out is decided by
@@ -79,7 +81,6 @@ WITHOUT_EFFECT_FIELDS = (
 )
 # Fields whose set values ask for something fastdelta does not implement (they change the math).
 UNSUPPORTED_FIELDS = (
-    "use_dora",
     "lora_bias",
     "layers_to_transform",
     "layers_pattern",
@@ -339,6 +340,7 @@ def lora_arguments(
         # PEFT's defaults for fields that older PEFT versions did not write.
         "lora_dropout": config.get("lora_dropout") or 0.0,
         "use_rslora": config.get("use_rslora") or False,
+        "use_dora": config.get("use_dora") or False,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         # The initialisation, where fastdelta has it (the others only made the saved tensors).
@@ -397,7 +399,7 @@ def peft_config(
         "modules_to_save": heads or None,
         "init_lora_weights": arguments["init_lora_weights"],
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": arguments["use_dora"],
     }
 
 

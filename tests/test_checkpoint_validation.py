@@ -339,7 +339,6 @@ PEFT_REFUSED = [
     ("monteclora_config", {"n": 2}),
     ("velora_config", {"rank": 1}),
     ("loftq_config", {"loftq_bits": 4}),
-    ("use_dora", True),
     ("a_future_option", 3),
     ("a_future_option", "on"),
 ]

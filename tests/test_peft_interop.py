@@ -415,7 +415,6 @@ def assert_backbone_untouched(backbone, arch: str, kind: str) -> None:
 
 
 UNSUPPORTED = [
-    ("use_dora", True, "use_dora"),
     ("lora_bias", True, "lora_bias"),
     ("layers_to_transform", [0], "layers_to_transform"),
     ("layers_pattern", "layers", "layers_pattern"),

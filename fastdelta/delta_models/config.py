@@ -290,6 +290,8 @@ class LoraConfig(BaseDeltaConfig):
     # (the delta starts non-zero, for tests); "pissa" / "pissa_niter_K" / "olora", A and B from
     # the base weight's SVD / QR, scaling * B A taken out of the base weight.
     init_lora_weights: bool | str = True
+    # DoRA (PEFT's name): a trained magnitude per output feature scales the output row-wise.
+    use_dora: bool = False
     # PEFT's names, translated by __post_init__ (not fields: a config holds fastdelta's names).
     r: InitVar[int | None] = None
     target_modules: InitVar[list[str] | str | None] = None
@@ -316,6 +318,13 @@ class LoraConfig(BaseDeltaConfig):
                         f"{argument} key {pattern!r} is not a regex: {error}"
                     ) from None
         _check_lora_init(self.init_lora_weights)
+        _require_bool(self.use_dora, "use_dora")
+        if self.use_dora and base_changing_init(self.init_lora_weights):
+            raise ValueError(
+                f"use_dora with init_lora_weights={self.init_lora_weights!r} is not supported: "
+                "a PiSSA / OLoRA checkpoint is saved as the plain LoRA it amounts to, which a "
+                "DoRA magnitude does not fit; choose one of the two"
+            )
         _require_finite(self.lora_dropout, "lora_dropout")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")

@@ -50,6 +50,7 @@ class LoraModel(DeltaBase):
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
         init_lora_weights: bool | str = True,
+        use_dora: bool = False,
         delta_dtype: torch.dtype | str | None = None,
         r: int | None = None,
         target_modules: list[str] | str | None = None,
@@ -122,6 +123,7 @@ class LoraModel(DeltaBase):
                 stacklevel=4,
             )
         from_weight = []  # PiSSA / OLoRA deltas: their hosts' weights change once all attach
+        dora = []  # DoRA deltas: their magnitudes start from the weights as the model sees them
         for name, module in modules.items():
             if isinstance(module, nn.Embedding):
                 self.replace_module(name, self._embedding_delta(name, module, ranks[name]))
@@ -141,7 +143,15 @@ class LoraModel(DeltaBase):
             if base_changing_init(config.init_lora_weights):
                 delta.initialise_from_weight(module.weight, config.init_lora_weights)
                 from_weight.append((module, delta))
-            if any(role == "replace" for _, role in attached_deltas(module)):
+            stacking = any(role == "replace" for _, role in attached_deltas(module))
+            if config.use_dora and stacking:
+                raise ValueError(
+                    f"{name} already has a LoRA delta of another delta model: a DoRA delta "
+                    "scales the whole layer's output, so it takes a layer of its own"
+                )
+            if config.use_dora:
+                dora.append((module, delta))
+            if stacking:
                 # A second LoRA on the layer (another delta model's is fused into its forward)
                 # adds its update to the output, as OpenDelta's did, under lora_1.
                 delta.stacked = True
@@ -150,9 +160,16 @@ class LoraModel(DeltaBase):
                 self.replace_module(name, delta)
         for module, delta in from_weight:
             delta.subtract_initial(module)
+        for module, delta in dora:
+            delta.initialise_magnitude(module.weight)
 
     def _embedding_delta(self, name: str, module: nn.Embedding, rank: int) -> LoraEmbeddingDelta:
         config = self.config
+        if config.use_dora:
+            raise ValueError(
+                f"{name} is an embedding, and fastdelta's DoRA is for linear layers: leave it "
+                "out of modified_modules, or train it without use_dora"
+            )
         if any(role == "replace" for _, role in attached_deltas(module)):
             raise ValueError(
                 f"{name} already has a LoRA delta of another delta model; an embedding takes one"

@@ -106,6 +106,28 @@ class LoraDelta(_LowRank, DeltaLayer):
         # A second LoRA on its layer, whose forward the first one's fused op replaces: it
         # adds its update to that output (forward), in eager PyTorch.
         self.stacked = False
+        # DoRA (`use_dora`): the magnitude of each output row, set by `initialise_magnitude`.
+        self.register_parameter("lora_magnitude_vector", None)
+        self.register_buffer("dora_factor", None, persistent=False)  # while merged
+
+    def initialise_magnitude(self, weight: torch.Tensor) -> None:
+        """Make this a DoRA delta (Liu et al., 2024): a magnitude per output feature, started
+        at the row norms of W + scaling * B A (the host's `weight`), which scales the layer's
+        output row-wise: y = b + m / ||W + s B A||_row * (x W^T + s x A^T B^T)."""
+        with torch.no_grad():
+            norm = self._weight_norm(weight)
+        self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype))
+
+    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W + s B A|| of each output row, in float32, without forming the [out, in] sum:
+        ||W||^2 + 2 s <W A^T, B> + s^2 <B (A A^T), B>, each <., .> a row-wise dot product."""
+        base = weight.float()
+        base = base.t() if self.fan_in_fan_out else base  # [out, in]
+        lora_A, lora_B, s = self.lora_A.float(), self.lora_B.float(), self.scaling
+        squared = base.square().sum(1)
+        squared = squared + (2 * s) * ((base @ lora_A.t()) * lora_B).sum(1)
+        squared = squared + (s * s) * ((lora_B @ (lora_A @ lora_A.t())) * lora_B).sum(1)
+        return squared.clamp_min(0).sqrt()
 
     def replace_forward(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The host's output with the delta: x: [..., in_features] -> [..., out_features]."""
@@ -113,6 +135,8 @@ class LoraDelta(_LowRank, DeltaLayer):
             self._check_not_training_merged()
             weight = host.weight.t() if self.fan_in_fan_out else host.weight
             return F.linear(x, weight, host.bias)
+        if self.lora_magnitude_vector is not None:
+            return self._dora_forward(host, x)
         return ops.lora_linear(
             x,
             host.weight,
@@ -123,6 +147,47 @@ class LoraDelta(_LowRank, DeltaLayer):
             self.dropout if self.training else 0.0,
             self.fan_in_fan_out,
         )
+
+    def _dora_forward(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """DoRA as PEFT computes it. The norm is a constant of the backward (the DoRA paper's
+        section 4.3). Without dropout: b + k (x W^T + s x A^T B^T), k = m / norm, through the
+        fused LoRA op; with dropout, PEFT's form, whose base product takes the dropped input
+        too: x W^T + b + (k - 1) drop(x) W^T + k s drop(x) A^T B^T."""
+        with torch.no_grad():
+            norm = self._weight_norm(host.weight)
+        k = (self.lora_magnitude_vector / norm.to(self.lora_magnitude_vector.dtype)).to(x.dtype)
+        dropout = self.dropout if self.training else 0.0
+        weight, bias = host.weight, host.bias
+        if dropout == 0:
+            z = ops.lora_linear(
+                x, weight, None, self.lora_A, self.lora_B, self.scaling, 0.0, self.fan_in_fan_out
+            )
+            return z * k if bias is None else torch.addcmul(bias, z, k)
+        linear_weight = weight.t() if self.fan_in_fan_out else weight
+        dropped = F.dropout(x, dropout, True)
+        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        update = F.linear(F.linear(dropped, lora_A), lora_B) * self.scaling
+        base = F.linear(x, linear_weight, bias)
+        return base + (k - 1) * F.linear(dropped, linear_weight) + k * update
+
+    def _add_to_weight(self, host: nn.Module, sign: float) -> None:
+        if self.lora_magnitude_vector is None:
+            super()._add_to_weight(host, sign)
+            return
+        # DoRA: W' = k (W + s B A) row-wise, k kept to take it back out exactly as it went in.
+        weight = host.weight
+        base = weight.float()
+        base = base.t() if self.fan_in_fan_out else base
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        if sign > 0:
+            combined = base + delta
+            factor = self.lora_magnitude_vector.float() / torch.linalg.norm(combined, dim=1)
+            self.dora_factor = factor
+            new = combined * factor[:, None]
+        else:
+            new = base / self.dora_factor[:, None] - delta
+            self.dora_factor = None
+        weight.copy_(new.t() if self.fan_in_fan_out else new)
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """A stacked LoRA's output: the host's `output` plus scaling * (drop(x) A^T) B^T, the
@@ -185,6 +250,8 @@ class LoraDelta(_LowRank, DeltaLayer):
             return "merged"
         if self.stacked:
             return "eager (stacked on another LoRA)"
+        if self.lora_magnitude_vector is not None and self.dropout:
+            return "eager (DoRA with dropout)"
         (out_features, rank), in_features = self.lora_B.shape, self.lora_A.shape[1]
         return ops.backend_description(
             "lora",
