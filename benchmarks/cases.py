@@ -113,6 +113,22 @@ def lora_linear_cases(grid: str, device_type: str) -> list[LoraCase]:
     return [*quick[1:2], CPU_LORA_TARGET, *by_tokens, *by_hidden, *training, *by_rank]
 
 
+def dora_cases(grid: str, device_type: str) -> list[LoraCase]:
+    """The LoRA grid's training shapes: the CPU target's, with and without dropout (quick),
+    the GPU target's on CUDA, and the GPU training shapes (full)."""
+    if grid == "smoke":
+        return [LoraCase(M=8, K=40, N=24, r=4, dropout=0.1)]
+    quick = [CPU_LORA_TARGET, LoraCase(M=2048, K=1024, N=1024, r=16, dropout=0.0)]
+    if grid == "quick":
+        return quick + ([GPU_LORA_TARGET] if device_type == "cuda" else [])
+    return [
+        *quick,
+        GPU_LORA_TARGET,
+        LoraCase(M=8192, K=4096, N=4096, r=16, dropout=0.0),
+        LoraCase(M=2048, K=4096, N=4096, r=16, dropout=0.1),
+    ]
+
+
 def host_overhead_cases(grid: str, device_type: str) -> list[HostCase]:
     """Every combination on the tiny [4, 64] input: op or layer, LoRA with dropout 0 and 0.1
     and the adapter, training (forward, forward+backward) and evaluating (forward); smoke keeps

@@ -37,7 +37,11 @@ FASTDELTA = "fastdelta"
 END_TO_END = "training_step"
 HOST_OVERHEAD = "host_overhead"
 BASELINE = "peft"  # what the end-to-end ratios divide by
-OPS = {"lora_linear": "LoRA linear", "adapter_bottleneck": "Adapter bottleneck"}
+OPS = {
+    "lora_linear": "LoRA linear",
+    "adapter_bottleneck": "Adapter bottleneck",
+    "dora_linear": "DoRA linear (fastdelta: DoRA; lora: fastdelta's LoRA; peft: PEFT's DoRA)",
+}
 # What the host-overhead targets compare each op's fastdelta with, besides the plain layer.
 HOST_BASELINES = {"lora": "peft", "adapter": "reference"}
 MODE_NAMES = {"forward": "fwd", "backward": "bwd", "full": "fwd+bwd", "step": "step"}
@@ -109,6 +113,19 @@ TARGETS = (
         quantity="time",
         comparison=">=",
         limit=2.0,
+    ),
+    Target(
+        description=f"GPU DoRA {GPU_LORA_TARGET.id} bf16 fwd+bwd: fastdelta's DoRA / its LoRA",
+        device="cuda",
+        op="dora_linear",
+        case_id=GPU_LORA_TARGET.id,
+        dtype="bfloat16",
+        mode="full",
+        numerator=FASTDELTA,
+        denominator="lora",
+        quantity="time",
+        comparison="<=",
+        limit=1.15,
     ),
     Target(
         description=f"CPU LoRA {CPU_LORA_TARGET.id} fp32 fwd+bwd: fastdelta / floor",

@@ -1,0 +1,64 @@
+"""DoRA linear: a LoRA linear whose output rows a trained magnitude scales (LoraModel's
+use_dora), for each provider.
+
+Providers: the floor (the frozen base `nn.Linear` alone), fastdelta's DoRA on the backend it
+picks by itself (`fastdelta`), fastdelta's LoRA on the same layer (`lora`: what DoRA costs on
+top of it) and PEFT's DoRA. All share the case's base and LoRA weights (alpha = 2r) and start
+the magnitude at the base weight's row norms.
+"""
+
+from __future__ import annotations
+
+import peft
+import torch
+from torch import nn
+
+import fastdelta
+from benchmarks.bench_lora_linear import _copy_lora_weights
+from benchmarks.cases import LoraCase
+from benchmarks.cases import dora_cases as cases
+from benchmarks.harness import FLOOR, Workload, case_info, run_workload
+
+PROVIDERS = (FLOOR, "fastdelta", "lora", "peft")
+__all__ = ["PROVIDERS", "bench_dora", "build", "cases"]
+
+
+def build(provider: str, case: LoraCase, dtype: torch.dtype, device: torch.device) -> Workload:
+    """The workload of `provider` on `case`."""
+    torch.manual_seed(0)
+    factory = {"device": device, "dtype": dtype}
+    base = nn.Sequential(nn.Linear(case.K, case.N, **factory)).requires_grad_(False)
+    lora_A = torch.randn(case.r, case.K, **factory) / case.K**0.5
+    lora_B = torch.randn(case.N, case.r, **factory) / case.r**0.5
+    x = torch.randn(case.M, case.K, **factory, requires_grad=True)
+    alpha = 2 * case.r
+    if provider == FLOOR:
+        return Workload(lambda: base(x), [x], list(base.parameters()), "aten")
+    if provider == "peft":
+        config = peft.LoraConfig(
+            target_modules=["0"], r=case.r, lora_alpha=alpha, lora_dropout=case.dropout,
+            use_dora=True,
+        )  # fmt: skip
+        model = peft.get_peft_model(base, config, autocast_adapter_dtype=False)
+        backend = "peft"
+    else:
+        model = base
+        delta_model = fastdelta.LoraModel(
+            backbone_model=model,
+            modified_modules=["0"],
+            lora_r=case.r,
+            lora_alpha=alpha,
+            lora_dropout=case.dropout,
+            use_dora=provider == "fastdelta",
+        )
+        delta_model.freeze_module()
+        backend = ",".join(sorted(delta_model.backends()))
+    _copy_lora_weights(model, lora_A, lora_B)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return Workload(lambda: model(x), [x, *trainable], list(model.parameters()), backend)
+
+
+def bench_dora(benchmark, timing, case, provider, dtype, mode, device):
+    workload = build(provider, case, dtype, device)
+    info = case_info("dora_linear", provider, case, dtype, device)
+    run_workload(benchmark, workload, mode, device, info, timing)
