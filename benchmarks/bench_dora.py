@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import peft
 import torch
-from torch import nn
 
 import fastdelta
-from benchmarks.bench_lora_linear import _copy_lora_weights
+from benchmarks.bench_lora_linear import _copy_lora_weights, case_tensors
 from benchmarks.cases import LoraCase
 from benchmarks.cases import dora_cases as cases
 from benchmarks.harness import FLOOR, Workload, case_info, run_workload
@@ -25,12 +24,7 @@ __all__ = ["PROVIDERS", "bench_dora", "build", "cases"]
 
 def build(provider: str, case: LoraCase, dtype: torch.dtype, device: torch.device) -> Workload:
     """The workload of `provider` on `case`."""
-    torch.manual_seed(0)
-    factory = {"device": device, "dtype": dtype}
-    base = nn.Sequential(nn.Linear(case.K, case.N, **factory)).requires_grad_(False)
-    lora_A = torch.randn(case.r, case.K, **factory) / case.K**0.5
-    lora_B = torch.randn(case.N, case.r, **factory) / case.r**0.5
-    x = torch.randn(case.M, case.K, **factory, requires_grad=True)
+    base, lora_A, lora_B, x = case_tensors(case, dtype, device)
     alpha = 2 * case.r
     if provider == FLOOR:
         return Workload(lambda: base(x), [x], list(base.parameters()), "aten")

@@ -33,14 +33,21 @@ def _copy_lora_weights(module: nn.Module, lora_A: torch.Tensor, lora_B: torch.Te
                 parameter.copy_(lora_B)
 
 
-def build(provider: str, case: LoraCase, dtype: torch.dtype, device: torch.device) -> Workload:
-    """The workload of `provider` on `case`."""
+def case_tensors(case: LoraCase, dtype: torch.dtype, device: torch.device):
+    """(the frozen base linear in an nn.Sequential, lora_A, lora_B, x requiring grad) of
+    `case`, the same for every provider (seed 0)."""
     torch.manual_seed(0)
     factory = {"device": device, "dtype": dtype}
     base = nn.Sequential(nn.Linear(case.K, case.N, **factory)).requires_grad_(False)
     lora_A = torch.randn(case.r, case.K, **factory) / case.K**0.5
     lora_B = torch.randn(case.N, case.r, **factory) / case.r**0.5
     x = torch.randn(case.M, case.K, **factory, requires_grad=True)
+    return base, lora_A, lora_B, x
+
+
+def build(provider: str, case: LoraCase, dtype: torch.dtype, device: torch.device) -> Workload:
+    """The workload of `provider` on `case`."""
+    base, lora_A, lora_B, x = case_tensors(case, dtype, device)
     alpha = 2 * case.r
     if provider == FLOOR:
         return Workload(lambda: base(x), [x], list(base.parameters()), "aten")
