@@ -173,13 +173,7 @@ def _forward_with_deltas(host: nn.Module, original_forward, input_name, args, kw
         delta = host._modules[name]
         if role == "after":
             return _map_main_output(host, original_forward(host, *args, **kwargs), delta)
-        if (
-            role == "replace"
-            and len(args) == 1
-            and not kwargs
-            and isinstance(delta, DeltaLayer)
-            and hasattr(delta, "replace_forward")
-        ):
+        if role == "replace" and len(args) == 1 and not kwargs and _computes_its_host(delta):
             return delta.replace_forward(host, args[0])
     deltas = [(host._modules[name], role) for name, role in attached_deltas(host) if role]
     needs_input = any(role != "after" for _, role in deltas)
@@ -194,7 +188,7 @@ def _forward_with_deltas(host: nn.Module, original_forward, input_name, args, kw
             f"{type(host).__name__}'s forward is replaced by a delta that takes one "
             "input, but it was called with more arguments"
         )
-    elif isinstance(replacer, DeltaLayer) and hasattr(replacer, "replace_forward"):
+    elif _computes_its_host(replacer):
         output = replacer.replace_forward(host, hidden)
     else:
         output = replacer(hidden)
@@ -208,6 +202,12 @@ def _forward_with_deltas(host: nn.Module, original_forward, input_name, args, kw
         elif role == "after":
             output = _map_main_output(host, output, delta)
     return output
+
+
+def _computes_its_host(delta: nn.Module) -> bool:
+    """Whether a "replace" delta computes its host's output itself (`replace_forward(host,
+    input)`, LoRA's way), rather than being a module called on the input in its place."""
+    return isinstance(delta, DeltaLayer) and hasattr(delta, "replace_forward")
 
 
 def _apply_before_deltas(host, input_name, deltas, args, kwargs):
