@@ -15,10 +15,13 @@
 // comparisons: a call that fails one raises here, and fastdelta.ops then re-runs its own check
 // to raise the error that names the argument and the fix.
 #include <array>
+#include <mutex>
 #include <optional>
 #include <tuple>
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <torch/autograd.h>
@@ -122,6 +125,24 @@ void check_adapter_call(const at::Tensor& h, const at::Tensor& down_weight,
   }
 }
 
+// A dropout seed drawn as fastdelta.ops draws one, torch.randint(2**62, ()) from the default
+// generator of x's device. On the CPU it is randint's own draw (random64() mod 2^62 under the
+// generator's lock, ATen's uniform_int_from_to_distribution) written into a tensor made without
+// a dispatched op: randint's dispatch was a tenth of a small forward's time.
+at::Tensor draw_seed(const at::Tensor& x) {
+  constexpr uint64_t kRange = uint64_t{1} << 62;
+  if (!x.is_cpu()) return at::randint(int64_t{kRange}, {}, x.options().dtype(at::kLong));
+  at::Generator generator = at::detail::getDefaultCPUGenerator();
+  uint64_t value = 0;
+  {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    value = generator.get<at::CPUGeneratorImpl>()->random64();
+  }
+  at::Tensor seed = at::detail::empty_cpu({}, at::kLong);
+  *seed.data_ptr<int64_t>() = static_cast<int64_t>(value % kRange);
+  return seed;
+}
+
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -208,8 +229,7 @@ at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
   std::optional<at::Tensor> mask_seed;
   if (dropout_p > 0) {
     // Drawn as fastdelta.ops draws it, from torch's generator for x's device.
-    mask_seed = seed.has_value() ? *seed
-                                 : at::randint(int64_t{1} << 62, {}, x.options().dtype(at::kLong));
+    mask_seed = seed.has_value() ? *seed : draw_seed(x);
   }
   return LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, mask_seed, scaling,
                                    dropout_p, fan_in_fan_out);

@@ -73,6 +73,7 @@ def use_backend(monkeypatch):
     """
     monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
     monkeypatch.setattr(backend_selection, "_setting", backend_selection._setting)
+    monkeypatch.setattr(backend_selection, "_environment", None)
 
     def use(name: str, device: str = "cpu"):
         reason = unavailable_reason(name, device)

@@ -52,6 +52,7 @@ def fresh_extension(monkeypatch, tmp_path):
     monkeypatch.setattr(backend_selection, "_resolved", {})
     monkeypatch.setattr(backend_selection, "_setting", None)
     monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.setattr(backend_selection, "_environment", None)
     return tmp_path
 
 

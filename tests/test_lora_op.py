@@ -61,9 +61,10 @@ def use_backend(monkeypatch):
     """A function that forces a backend (skipping the test where it cannot run on `device`).
 
     Afterwards the setting goes back to "auto", then to whatever it was before the test (None
-    unless someone set it), and $FASTDELTA_BACKEND is unset during the test.
+    unless someone set it), and $FASTDELTA_BACKEND is unset (and unread) during the test.
     """
     monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.setattr(backend_selection, "_environment", None)
     monkeypatch.setattr(backend_selection, "_setting", backend_selection._setting)
 
     def use(name: str, device: str = "cpu"):
@@ -695,12 +696,20 @@ def test_forced_triton_refuses_float64(use_backend):
 
 
 def test_the_environment_variable_chooses_the_backend(use_backend, monkeypatch):
+    def new_process_with(value: str) -> None:
+        """$FASTDELTA_BACKEND = value, as a process that has not run an op yet sees it."""
+        monkeypatch.setenv(ENVIRONMENT_VARIABLE, value)
+        monkeypatch.setattr(backend_selection, "_environment", None)
+
     monkeypatch.setattr(backend_selection, "_setting", None)
-    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "torch")
+    new_process_with("torch")
     assert get_backend() == "torch"
     assert resolve_backend("cpu", F32) == "torch"
+    # Read once: a change after the first op does not apply.
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "auto")
+    assert get_backend() == "torch"
     for name in available(["triton", "cpp"]):
-        monkeypatch.setenv(ENVIRONMENT_VARIABLE, name)
+        new_process_with(name)
         assert get_backend() == name
         assert resolve_backend("cpu", F32) == name
         calls = spy_on(monkeypatch, backend_module(name))
@@ -711,7 +720,7 @@ def test_the_environment_variable_chooses_the_backend(use_backend, monkeypatch):
     set_backend("torch")
     assert get_backend() == "torch"
     monkeypatch.setattr(backend_selection, "_setting", None)
-    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "bogus")
+    new_process_with("bogus")
     with pytest.raises(ValueError, match=rf"'bogus'.*\${ENVIRONMENT_VARIABLE}"):
         get_backend()
 

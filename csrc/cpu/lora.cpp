@@ -55,7 +55,8 @@ CpuDropout cpu_dropout(const std::optional<at::Tensor>& seed, double p) {
   CpuDropout dropout;
   if (seed.has_value() && p > 0) {
     dropout.active = true;
-    dropout.key = dropout_key(seed->item<int64_t>());
+    // Read in place (the seed is a CPU scalar here): item() would be a dispatched op.
+    dropout.key = dropout_key(*seed->const_data_ptr<int64_t>());
     dropout.threshold = dropout_threshold(p);
     dropout.scale = 1.0 / (1.0 - p);
   }
@@ -141,6 +142,12 @@ void copy_rows(const at::Tensor& x2d, int64_t first, int64_t rows, const uint16_
   }
 }
 
+// Rows first .. first + rows - 1 of t: t itself when that is all of them (a decode-sized input
+// is one block), which spares a dispatched narrow per tensor and block.
+at::Tensor rows_of(const at::Tensor& t, int64_t first, int64_t rows) {
+  return first == 0 && rows == t.size(0) ? t : t.narrow(0, first, rows);
+}
+
 // One block of rows of x, as for_each_row_block hands it to its body.
 struct RowBlock {
   int64_t first;           // the first row
@@ -162,7 +169,7 @@ void run_row_blocks(const at::Tensor& x2d, const CpuDropout& dropout, at::Tensor
       block.lanes = dropout_lanes(dropout, block.first * K, block.rows * K, words);
     }
     if (x_buffer.defined()) {
-      block.x = x_buffer.narrow(0, 0, block.rows);
+      block.x = rows_of(x_buffer, 0, block.rows);
       AT_DISPATCH_FLOATING_TYPES_AND2(
           at::kHalf, at::kBFloat16, x2d.scalar_type(), "fastdelta_C.copy_rows", [&] {
             copy_rows<scalar_t>(x2d, block.first, block.rows, block.lanes, dropout.threshold,
@@ -174,14 +181,18 @@ void run_row_blocks(const at::Tensor& x2d, const CpuDropout& dropout, at::Tensor
 }
 
 // Calls body(block) for consecutive blocks of at most kRowBlock rows of x2d, in parallel. The
-// per-thread buffer is [kRowBlock, K]; `copy_x` says whether body needs block.x.
+// per-thread buffer is [kRowBlock, K] ([M, K] for a single block); `copy_x` says whether body
+// needs block.x.
 template <typename Body>
 void for_each_row_block(const at::Tensor& x2d, const CpuDropout& dropout, bool copy_x,
                         const Body& body) {
   const int64_t M = x2d.size(0), K = x2d.size(1);
   const auto options = x2d.options().dtype(accumulate_type(x2d.scalar_type()));
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
-  const auto buffer = [&] { return copy_x ? at::empty({kRowBlock, K}, options) : at::Tensor(); };
+  const int64_t buffer_rows = std::min(kRowBlock, M);
+  const auto buffer = [&] {
+    return copy_x ? at::empty({buffer_rows, K}, options) : at::Tensor();
+  };
   if (blocks <= 1) {  // decode-sized inputs: no thread pool, no thread state to hand over
     run_row_blocks(x2d, dropout, buffer(), 0, blocks, body);
     return;
@@ -205,7 +216,7 @@ at::Tensor low_rank_input(const at::Tensor& x2d, const at::Tensor& lora_A,
   const at::Tensor a_t = cast(lora_A, acc).t();
   at::Tensor xa = at::empty({x2d.size(0), lora_A.size(0)}, x2d.options().dtype(acc));
   for_each_row_block(x2d, dropout, /*copy_x=*/true, [&](const RowBlock& block) {
-    at::Tensor out = xa.narrow(0, block.first, block.rows);
+    at::Tensor out = rows_of(xa, block.first, block.rows);
     at::addmm_out(out, out, block.x, a_t, /*beta=*/0, dropout.scale);  // out is not read
   });
   return xa;
@@ -260,7 +271,7 @@ void blocked_backward(const at::Tensor& x2d, const at::Tensor& grad_xa, const at
   std::vector<at::Tensor> partial_A(at::get_num_threads());
   const bool float_x = grad_x != nullptr && grad_x->scalar_type() == at::kFloat;
   for_each_row_block(x2d, dropout, grad_A != nullptr, [&](const RowBlock& block) {
-    const at::Tensor rows_xa = grad_xa.narrow(0, block.first, block.rows);
+    const at::Tensor rows_xa = rows_of(grad_xa, block.first, block.rows);
     if (grad_A != nullptr) {
       at::Tensor& sum = partial_A[at::get_thread_num()];
       if (sum.defined()) {
@@ -270,7 +281,7 @@ void blocked_backward(const at::Tensor& x2d, const at::Tensor& grad_xa, const at
       }
     }
     if (grad_x != nullptr) {
-      at::Tensor rows = grad_x->narrow(0, block.first, block.rows);
+      at::Tensor rows = rows_of(*grad_x, block.first, block.rows);
       const at::Tensor values = float_x ? rows : at::empty({block.rows, a_acc.size(1)},
                                                            a_acc.options());
       at::Tensor out = values;

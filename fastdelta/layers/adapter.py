@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from fastdelta import ops
-from fastdelta.layers.base import DeltaLayer
+from fastdelta.layers.base import DeltaLayer, parameter
+from fastdelta.ops.eager import autocast_dtype
 
 INIT_STD = 0.01
 
@@ -59,12 +60,13 @@ class AdapterDelta(DeltaLayer):
         return self._bottleneck(h, residual)
 
     def _bottleneck(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        # `parameter`: straight from the parameter dictionary (see layers.base).
         return ops.adapter_bottleneck(
             h,
-            self.down_weight,
-            self.down_bias,
-            self.up_weight,
-            self.up_bias,
+            parameter(self, "down_weight"),
+            parameter(self, "down_bias"),
+            parameter(self, "up_weight"),
+            parameter(self, "up_bias"),
             self.scaling,
             self.activation,
             residual,
@@ -92,10 +94,9 @@ class AdapterDelta(DeltaLayer):
 
 def _wider_than_autocast(tensor: torch.Tensor) -> bool:
     """Whether autocast is on for `tensor`'s device and `tensor` is wider than its dtype."""
-    device = tensor.device.type
-    if not torch.is_autocast_enabled(device):
+    dtype = autocast_dtype(tensor.device)
+    if dtype is None:
         return False
-    dtype = torch.get_autocast_dtype(device)
     return tensor.is_floating_point() and torch.promote_types(tensor.dtype, dtype) != dtype
 
 

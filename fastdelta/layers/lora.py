@@ -10,7 +10,7 @@ from torch import nn
 
 from fastdelta import ops
 from fastdelta.injection import original_class
-from fastdelta.layers.base import DeltaLayer
+from fastdelta.layers.base import DeltaLayer, parameter
 
 
 class _LowRank:
@@ -135,14 +135,15 @@ class LoraDelta(_LowRank, DeltaLayer):
             self._check_not_training_merged()
             weight = host.weight.t() if self.fan_in_fan_out else host.weight
             return F.linear(x, weight, host.bias)
-        if self.lora_magnitude_vector is not None:
+        # `parameter`: straight from the parameter dictionaries (see layers.base).
+        if parameter(self, "lora_magnitude_vector") is not None:
             return self._dora_forward(host, x)
         return ops.lora_linear(
             x,
-            host.weight,
-            host.bias,
-            self.lora_A,
-            self.lora_B,
+            parameter(host, "weight"),
+            parameter(host, "bias"),
+            parameter(self, "lora_A"),
+            parameter(self, "lora_B"),
             self.scaling,
             self.dropout if self.training else 0.0,
             self.fan_in_fan_out,

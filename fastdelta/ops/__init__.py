@@ -23,7 +23,7 @@ from fastdelta.ops import cpp_backend, verification
 from fastdelta.ops.activations import canonical_activation
 from fastdelta.ops.adapter import adapter_bottleneck_eager, adapter_bottleneck_op
 from fastdelta.ops.backend import get_backend, resolve_backend, set_backend
-from fastdelta.ops.eager import eager_path
+from fastdelta.ops.eager import autocast_dtype, eager_path
 from fastdelta.ops.lora import lora_linear_eager, lora_linear_op
 
 # The metadata of each kind of call whose arguments passed their checks (see the module
@@ -104,8 +104,8 @@ def lora_linear(
     torch.autocast every tensor is cast to the autocast dtype first.
     """
     device = x.device
-    if torch.is_autocast_enabled(device.type):
-        dtype = torch.get_autocast_dtype(device.type)
+    dtype = autocast_dtype(device)
+    if dtype is not None:
         x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
         bias = None if bias is None else bias.to(dtype)
     # Resolved once, here, for the forward and its backward (see fastdelta.ops.backend).
@@ -211,8 +211,8 @@ def adapter_bottleneck(
     if residual is h:
         residual = None
     device = h.device
-    if torch.is_autocast_enabled(device.type):
-        dtype = torch.get_autocast_dtype(device.type)
+    dtype = autocast_dtype(device)
+    if dtype is not None:
         h, residual = h.to(dtype), None if residual is None else residual.to(dtype)
     backend = resolve_backend(device, h.dtype)
     arguments = (h, down_weight, down_bias, up_weight, up_bias, residual)

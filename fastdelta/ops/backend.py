@@ -12,7 +12,9 @@ the forward and the backward alike, so a set_backend() between them cannot split
 backends (whose dropout masks differ). The answer depends only on the setting, the device and the
 dtype, so it is computed once and cached; under torch.compile it is a constant of the graph
 (`torch.compiler.assume_constant_result`), guarded on the setting: dynamo traces `get_backend()`,
-so a set_backend() recompiles, while $FASTDELTA_BACKEND is read when a graph is traced.
+so a set_backend() recompiles. $FASTDELTA_BACKEND is read once, by the first op (reading the
+environment costs most of a microsecond, which a call on small inputs would feel), as
+$FASTDELTA_VERIFY is; set it before the first op runs, or call set_backend().
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 ENVIRONMENT_VARIABLE = "FASTDELTA_BACKEND"
 
 _setting: str | None = None
+# $FASTDELTA_BACKEND's setting, once the first op has read it.
+_environment: str | None = None
 
 
 def _check_name(name: str, source: str) -> str:
@@ -57,7 +61,15 @@ def get_backend() -> str:
     """The backend setting: set_backend's, else $FASTDELTA_BACKEND's, else "auto"."""
     if _setting is not None:
         return _setting
-    return _check_name(os.environ.get(ENVIRONMENT_VARIABLE, "auto"), f"${ENVIRONMENT_VARIABLE}")
+    return _environment or _read_environment()
+
+
+def _read_environment() -> str:
+    global _environment
+    _environment = _check_name(
+        os.environ.get(ENVIRONMENT_VARIABLE, "auto"), f"${ENVIRONMENT_VARIABLE}"
+    )
+    return _environment
 
 
 # The dtypes each backend computes in; an automatic choice falls back to torch for the others.

@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 
 
 def eager_path(*tensors: torch.Tensor | None) -> bool:
@@ -25,7 +25,24 @@ def eager_path(*tensors: torch.Tensor | None) -> bool:
     which need the op's fake kernel or its dispatch)."""
     if torch.compiler.is_compiling():
         return False
-    return all(tensor is None or type(tensor) in _PLAIN_TYPES for tensor in tensors)
+    # A loop, not all() over a generator (ruff's SIM110): 0.23 against 0.42 us for six
+    # tensors, on every call of every op.
+    for tensor in tensors:  # noqa: SIM110
+        if type(tensor) not in _PLAIN_TYPES:
+            return False
+    return True
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype torch.autocast casts to on `device`, or None where it is off. It asks first
+    whether autocast is on anywhere (a tenth of a microsecond), and only then reads the device's
+    type, which alone costs a quarter of a microsecond (torch 2.13)."""
+    if not torch._C._is_any_autocast_enabled():
+        return None
+    device_type = device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def profiled(name: str) -> contextlib.AbstractContextManager:
