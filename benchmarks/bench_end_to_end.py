@@ -1,7 +1,8 @@
 """One training step of a Llama-style decoder, built from a LlamaConfig (no weights needed).
 
 Providers: fastdelta's LoraModel on every linear layer of the decoder layers (q, k, v, o, gate,
-up, down; not lm_head, as PEFT's "all-linear" leaves it out) with freeze_module(); PEFT's
+up, down; not lm_head, as PEFT's "all-linear" leaves it out) with freeze_module(); the same
+model under torch.compile ("compiled": inductor, compiled by the step before timing); PEFT's
 get_peft_model on the same modules; full fine-tuning of the whole model. Same base weights
 (seed 0), same LoRA settings (r=16, alpha=32, dropout=0.1, adapter weights in the model's
 dtype), same tokens, AdamW. A step is forward, backward, optimizer step and zero_grad.
@@ -28,7 +29,7 @@ from benchmarks.harness import (
     time_call,
 )
 
-PROVIDERS = ("fastdelta", "peft", "full-finetune")
+PROVIDERS = ("fastdelta", "compiled", "peft", "full-finetune")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.1
 __all__ = ["PROVIDERS", "bench_training_step", "build_model", "cases"]
@@ -56,6 +57,9 @@ def build_model(provider: str, case: DecoderCase, dtype: torch.dtype, device: to
     torch.manual_seed(1)
     if provider == "full-finetune":
         return model, "aten"
+    if provider == "compiled":
+        model, backend = build_model("fastdelta", case, dtype, device)
+        return torch.compile(model), f"{backend} (torch.compile)"
     if provider == "peft":
         lora = peft.LoraConfig(
             target_modules=LORA_TARGETS, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT
