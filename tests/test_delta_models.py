@@ -643,9 +643,11 @@ def test_lora_dropout_of_one_is_refused():
 
 @pytest.fixture
 def backend_setting(monkeypatch):
-    """No set_backend() choice and no $FASTDELTA_BACKEND; monkeypatch restores both afterwards."""
+    """No set_backend() choice and no $FASTDELTA_BACKEND (unread yet, as in a fresh process);
+    monkeypatch restores both afterwards."""
     monkeypatch.setattr(backend_module, "_setting", None)
     monkeypatch.delenv(backend_module.ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.setattr(backend_module, "_environment", None)
 
 
 def test_unknown_backend_name_is_refused_by_set_backend(backend_setting):
@@ -657,7 +659,8 @@ def test_unknown_backend_name_is_refused_by_set_backend(backend_setting):
 def test_unknown_backend_name_in_the_environment_is_refused(backend_setting, monkeypatch):
     model = tiny_model("bert")
     LoraModel(model)
-    monkeypatch.setenv("FASTDELTA_BACKEND", "foo")
+    monkeypatch.setenv("FASTDELTA_BACKEND", "foo")  # before the process's first op reads it
+    monkeypatch.setattr(backend_module, "_environment", None)
     with pytest.raises(ValueError, match=r"'foo' \(from \$FASTDELTA_BACKEND\)"):
         fastdelta.get_backend()
     with pytest.raises(ValueError, match="'foo'"):

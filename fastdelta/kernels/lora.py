@@ -217,6 +217,9 @@ _add_low_rank = autotuned(
     configs.make(configs.TILE_SHAPES, names=("BLOCK_M", "BLOCK_N"), extra={"GROUP_M": 8}),
     key=["N", "R", "BLOCK_R", "M_BUCKET"],
     prune_configs_by=_prune(_forward_footprint, "y_ptr", "BLOCK_M:M", "BLOCK_N:N"),
+    # It adds onto y (cuBLAS's x W^T) in place: every configuration the autotuner times must
+    # start from the same y, or the first call of a shape adds the low-rank term many times.
+    restore_value=["y_ptr"],
 )(_forward_kernel)
 
 

@@ -165,6 +165,7 @@ _add_low_rank_grad = autotuned(
     configs.make(configs.TILE_SHAPES, names=("BLOCK_M", "BLOCK_K"), extra={"GROUP_M": 8}),
     key=["K", "R", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"],
     prune_configs_by=_prune(_grad_x_footprint, "dx_ptr", "BLOCK_M:M", "BLOCK_K:K"),
+    restore_value=["dx_ptr"],  # it adds onto dX = dY W in place (see lora._add_low_rank)
 )(_grad_x_kernel)
 
 

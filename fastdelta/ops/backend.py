@@ -12,13 +12,14 @@ the forward and the backward alike, so a set_backend() between them cannot split
 backends (whose dropout masks differ). The answer depends only on the setting, the device and the
 dtype, so it is computed once and cached; under torch.compile it is a constant of the graph
 (`torch.compiler.assume_constant_result`), guarded on the setting: dynamo traces `get_backend()`,
-so a set_backend() recompiles. $FASTDELTA_BACKEND is read once, by the first op (reading the
-environment costs most of a microsecond, which a call on small inputs would feel), as
-$FASTDELTA_VERIFY is; set it before the first op runs, or call set_backend().
+so a set_backend() recompiles. $FASTDELTA_BACKEND is read once, when fastdelta is imported
+(reading the environment costs most of a microsecond, which a call on small inputs would feel);
+set it before, or call set_backend().
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -70,6 +71,13 @@ def _read_environment() -> str:
         os.environ.get(ENVIRONMENT_VARIABLE, "auto"), f"${ENVIRONMENT_VARIABLE}"
     )
     return _environment
+
+
+# Read at import, so the first compiled graph already sees the value its guard will keep (read
+# inside the first traced call, it would change under that guard: one recompile). A bad value
+# is left for the first op to raise, not the import.
+with contextlib.suppress(ValueError):
+    _read_environment()
 
 
 # The dtypes each backend computes in; an automatic choice falls back to torch for the others.
