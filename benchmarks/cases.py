@@ -170,3 +170,32 @@ def decoder_cases(grid: str, device_type: str) -> list[DecoderCase]:
     if grid == "quick":
         return [DecoderCase(256, 688, layers=4, heads=4, vocab=4096, batch=4, seq=256)]
     return [DecoderCase(512, 1376, layers=4, heads=8, vocab=8192, batch=4, seq=512)]
+
+
+@dataclass(frozen=True)
+class MultiLoraCase:
+    """Mixed-batch LoRA: x [M, K] whose rows are dealt round-robin to `adapters` LoRAs of rank r
+    on one W [N, K]; dropout on the low-rank path."""
+
+    M: int
+    K: int
+    N: int
+    r: int
+    adapters: int
+    dropout: float
+
+    @property
+    def id(self) -> str:
+        return f"M{self.M}-K{self.K}-N{self.N}-r{self.r}-n{self.adapters}-p{self.dropout:g}"
+
+
+def multi_lora_cases(grid: str, device_type: str) -> list[MultiLoraCase]:
+    """4 and 16 adapters sharing a batch: at a CPU-sized shape (quick), and at the GPU target's
+    shape on CUDA (quick and full)."""
+    if grid == "smoke":
+        return [MultiLoraCase(M=8, K=40, N=24, r=4, adapters=2, dropout=0.1)]
+    quick = [MultiLoraCase(M=1024, K=1024, N=1024, r=16, adapters=n, dropout=0.0) for n in (4, 16)]
+    gpu = [MultiLoraCase(M=8192, K=4096, N=4096, r=16, adapters=n, dropout=0.1) for n in (4, 16)]
+    if grid == "quick":
+        return quick + (gpu if device_type == "cuda" else [])
+    return [*quick, *gpu]

@@ -40,7 +40,8 @@ BASELINE = "peft"  # what the end-to-end ratios divide by
 OPS = {
     "lora_linear": "LoRA linear",
     "adapter_bottleneck": "Adapter bottleneck",
-    "dora_linear": "DoRA linear (fastdelta: DoRA; lora: fastdelta's LoRA; peft: PEFT's DoRA)",
+    "dora_linear": "DoRA linear (fastdelta: DoRA; low_rank: DoRA with dora_dropout='low_rank'; "
+    "lora: fastdelta's LoRA; peft: PEFT's DoRA)",
 }
 # What the host-overhead targets compare each op's fastdelta with, besides the plain layer.
 HOST_BASELINES = {"lora": "peft", "adapter": "reference"}

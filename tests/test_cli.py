@@ -189,11 +189,12 @@ def test_bench_forwards_its_options_to_the_suite(monkeypatch, tmp_path):
 
 @pytest.fixture
 def small_doctor(monkeypatch, tmp_path):
-    """The doctor on one LoRA and one adapter variant, in float32, with its own cache directory
-    and no verdicts known (as in a new process)."""
+    """The doctor on one LoRA, one DoRA and one adapter variant, in float32, with its own cache
+    directory and no verdicts known (as in a new process)."""
     monkeypatch.setenv("FASTDELTA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(checks, "DTYPES", (torch.float32,))
     monkeypatch.setattr(checks, "CPU_LORA", [(24, 20, 4, True, True, False, 9)])
+    monkeypatch.setattr(checks, "CPU_DORA", [(24, 20, 4, True, True, True, True, 9)])
     monkeypatch.setattr(checks, "CPU_ADAPTER", [(24, 24, 8, "gelu_new", True, True, 9)])
     monkeypatch.setattr(verification, "_routes", {})
     monkeypatch.setattr(verdicts, "_verdicts", {})
@@ -225,7 +226,7 @@ def test_doctor_reports_the_machine_and_writes_its_json(small_doctor, capsys):
         assert "no CUDA GPU" in output.out and report["no_gpu"]
     checked = report["verification"]
     assert [r["variant"]["op"] for r in checked if r["backend"] == "triton"] == (
-        ["lora", "adapter"] if interpreted_triton() else []
+        ["lora", "dora", "adapter"] if interpreted_triton() else []
     )
     assert all(r["result"] == "passed" and r["error"] is None for r in checked)
     assert [(r["op"], r["result"]) for r in report["parity"]] == [

@@ -80,13 +80,13 @@ def test_float32_always_composes(use_backend, monkeypatch, allow_tf32):
     use_backend("triton")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
     paths = []
-    original = lora._forward
+    original = lora.forward_on_path
 
     def spy(path, *args):
         paths.append(path)
         return original(path, *args)
 
-    monkeypatch.setattr(lora, "_forward", spy)
+    monkeypatch.setattr(lora, "forward_on_path", spy)
     inputs, grad_out = make_inputs(9, 20, 24, 4, F32)
     with dispatch.force_path("fused"):
         check_against_reference(inputs, grad_out, F32)

@@ -59,6 +59,19 @@ def lora_step(seed=None, dropout_p=0.0):
     return [y.detach(), *(leaves[name].grad for name in LORA_NAMES)]
 
 
+def dora_step(seed=None, dropout_p=0.0):
+    """y and the gradients of a small DoRA linear (lora_step's inputs and a magnitude)."""
+    generator = torch.Generator().manual_seed(2)
+    shapes = {"x": (3, 5, 24), "weight": (20, 24), "bias": (20,), "lora_A": (4, 24)}
+    tensors = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    tensors["lora_B"] = torch.randn(20, 4, generator=generator)
+    tensors["magnitude"] = torch.rand(20, generator=generator) + 0.5
+    leaves = {name: tensor.requires_grad_() for name, tensor in tensors.items()}
+    y = ops.dora_linear(*leaves.values(), 1.5, dropout_p, seed=seed)
+    y.backward(torch.randn(y.shape, generator=generator))
+    return [y.detach(), *(leaves[name].grad for name in (*LORA_NAMES, "magnitude"))]
+
+
 def adapter_step():
     """out and the gradients of a small adapter (fixed inputs)."""
     generator = torch.Generator().manual_seed(1)
@@ -72,7 +85,7 @@ def adapter_step():
     return [out.detach(), *(leaves[name].grad for name in ADAPTER_NAMES)]
 
 
-STEPS = {"lora": lora_step, "adapter": adapter_step}
+STEPS = {"lora": lora_step, "dora": dora_step, "adapter": adapter_step}
 
 
 def spy_on_checks(monkeypatch):
@@ -149,6 +162,7 @@ BREAKAGES = {
     "lora-forward-output": ("lora", "lora_forward", scaled_output, "output"),
     "adapter-backward-grad": ("adapter", "adapter_backward", scaled_output, "grad of down_weight"),
     "lora-backward-raises": ("lora", "lora_backward", raising, "RuntimeError: out of resources"),
+    "dora-backward-grad": ("dora", "dora_backward", scaled_output, "grad of weight"),
 }
 
 
@@ -180,7 +194,7 @@ def test_a_wrong_kernel_warns_once_and_its_variant_runs_on_the_next_backend(
     if path == "custom_op":
         monkeypatch.setattr(ops, "eager_path", lambda *tensors: False)
     seed = torch.tensor(77, dtype=torch.int64)
-    dropout = {"seed": seed, "dropout_p": 0.3} if op == "lora" else {}
+    dropout = {"seed": seed, "dropout_p": 0.3} if op in ("lora", "dora") else {}
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         first = STEPS[op](**dropout)

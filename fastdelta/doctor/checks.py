@@ -12,7 +12,13 @@ import torch
 from fastdelta import ops
 from fastdelta.ops import backend as backend_selection
 from fastdelta.ops import kernel_check, verification
-from fastdelta.ops.variants import adapter_variant, describe, lora_variant, variant_fields
+from fastdelta.ops.variants import (
+    adapter_variant,
+    describe,
+    dora_variant,
+    lora_variant,
+    variant_fields,
+)
 from fastdelta.ops.verdicts import check_variant
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -26,6 +32,13 @@ GPU_LORA = [
     (4096, 4096, 256, True, False, False, 4096),
     (768, 2304, 8, True, True, True, 512),
     (4096, 11008, 64, False, True, False, 4096),
+]
+# DoRA: (in_features, out_features, rank, bias, dropout, trained magnitude (z kept), exact_norm,
+# M): the training step (the scale and z in the forward's epilogue, the backward's scaling
+# pass) and a decode-sized forward without z.
+GPU_DORA = [
+    (4096, 4096, 16, True, True, True, False, 4096),
+    (4096, 4096, 16, False, False, False, False, 1),
 ]
 # Adapter: (in_features, out_features, bottleneck, activation, sequential, bias, M); bottlenecks
 # up to 256 run fused in one tile, larger ones split.
@@ -42,6 +55,7 @@ CPU_LORA = [
     (33, 70, 64, False, False, True, 1),
     (40, 33, 256, True, True, False, 100),
 ]
+CPU_DORA = [(48, 40, 8, True, True, True, True, 100)]
 CPU_ADAPTER = [
     (40, 40, 24, "gelu_new", True, True, 100),
     (40, 33, 300, "silu", False, True, 1),
@@ -56,6 +70,10 @@ def representative_variants(device: torch.device) -> list[tuple]:
         for k, n, rank, bias, dropout, fan_in_fan_out, m in GPU_LORA if on_gpu else CPU_LORA:
             variants.append(
                 lora_variant(device, dtype, bias, dropout, fan_in_fan_out, n, k, rank, m)
+            )
+        for k, n, rank, bias, dropout, keep_z, exact_norm, m in GPU_DORA if on_gpu else CPU_DORA:
+            variants.append(
+                dora_variant(device, dtype, bias, dropout, False, keep_z, exact_norm, n, k, rank, m)
             )
         for d_in, d_out, bottleneck, activation, sequential, bias, m in (
             GPU_ADAPTER if on_gpu else CPU_ADAPTER

@@ -121,6 +121,28 @@ else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+if INTERPRETED:
+
+    @triton.jit
+    def round_to(values, dtype: tl.constexpr):
+        """values.to(dtype), rounded to nearest even as a GPU rounds. Triton 3.9's interpreter
+        truncates float32 to bfloat16 (every value rounded toward zero, measured), which biases
+        a bfloat16 intermediate that is summed again (DoRA's dY * k); so here bfloat16 is
+        rounded in float32 bits first."""
+        if dtype == tl.bfloat16:
+            bits = values.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            values = bits.to(tl.float32, bitcast=True)
+        return values.to(dtype)
+
+else:
+
+    @triton.jit
+    def round_to(values, dtype: tl.constexpr):
+        """values.to(dtype) (rounded to nearest even)."""
+        return values.to(dtype)
+
+
 @triton.jit
 def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Program id -> (tile row, tile column), in groups of GROUP_M rows for L2 reuse."""

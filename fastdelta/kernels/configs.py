@@ -145,6 +145,17 @@ REDUCTION = make(
     names=("BLOCK_P", "BLOCK_Q", "BLOCK_M"),
 )
 
+# DoRA's backward scaling pass (dY * k with column sums), a stream over [M, N]: (BLOCK_M,
+# BLOCK_N, stages, warps), tiles of 4K-8K elements wide along the contiguous columns for 16-byte
+# accesses, and of 1K-2K for odd sizes, whose loads are not vectorised (an address an element).
+SCALE_GRAD = make(
+    [
+        (32, 128, 1, 4), (16, 256, 1, 4), (64, 64, 1, 4), (64, 128, 1, 8), (32, 256, 1, 8),
+        (16, 128, 1, 4), (32, 64, 1, 4), (16, 64, 1, 4),
+    ],
+    names=("BLOCK_M", "BLOCK_N"),
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Tile:

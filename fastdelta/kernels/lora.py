@@ -14,6 +14,9 @@ Composed: cuBLAS writes y = x W^T + b, and _forward_kernel (BASE_IN_Y) adds s * 
   it. `dispatch` picks the faster per shape bucket for float16 and bfloat16. Float32 always
   composes: its tl.dot would run the GEMM on FMA units (TF32 off) or, on sm_90, copy
   transposed float32 tiles to shared memory 4 bytes at a time (TF32 on); cuBLAS does neither.
+DoRA (COLUMN_SCALE; kernels/dora.py) scales the sum per column in the same epilogue, on either
+  path: y = k * (x W^T + s xa B^T) + b, the bias after the scale (so cuBLAS writes x W^T alone),
+  and with STORE_Z also writes the unscaled sum z, which DoRA's backward needs.
 The backward is in lora_backward.py.
 """
 
@@ -37,6 +40,7 @@ from ._common import (
     m_bucket,
     mma,
     rank_chunk,
+    round_to,
     row_block_grid,
     swizzle,
     tile_grid,
@@ -80,6 +84,11 @@ def _forward_footprint(values: dict) -> configs.Footprint:
     with_xa, composed = values["COMPUTE_XA"], values["BASE_IN_Y"]
     y, xa, big_r = values["y_ptr"], values["xa_ptr"], values["R"]
     loads, epilogue = (), (configs.tile(r * n, values["b_ptr"], big_r, held="float32"),)
+    stores = (configs.tile(m * n, y, values["N"]), configs.tile(m * r, xa, big_r))
+    if values["COLUMN_SCALE"]:
+        epilogue += (configs.tile(n, values["scale_ptr"], held="float32"),)
+    if values["STORE_Z"]:
+        stores += (configs.tile(m * n, values["z_ptr"], values["N"]),)
     if composed:
         epilogue += (configs.tile(m * n, y, values["N"], held="float32"),)
     else:
@@ -96,7 +105,7 @@ def _forward_footprint(values: dict) -> configs.Footprint:
         dots=((m * n, r),) if composed else ((m * n, k), (m * n, r)),
         loads=loads,
         epilogue=epilogue,
-        stores=(configs.tile(m * n, y, values["N"]), configs.tile(m * r, xa, big_r)),
+        stores=stores,
         register_operand=(m, r),
         dropped=m * k if with_xa and values["HAS_DROPOUT"] else 0,
         measured=_DECODE_XA_REGISTERS * (1.4 * n + 0.6 * k) if with_xa and m == 16 else 0.0,
@@ -142,20 +151,23 @@ def _down_kernel(
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xa_ptr, y_ptr, seed_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xa_ptr, y_ptr, seed_ptr, scale_ptr, z_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bias,
     stride_ar, stride_ak, stride_bn, stride_br,
     scaling, dropout_p, dropout_scale,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_XA: tl.constexpr,
-    BASE_IN_Y: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BASE_IN_Y: tl.constexpr, COLUMN_SCALE: tl.constexpr, STORE_Z: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """y[M, N] = x W^T + b + scaling * xa B^T, one program per [BLOCK_M, BLOCK_N] tile.
 
     COMPUTE_XA (rank of one chunk): also accumulate xa = drop(x) A^T from the x tiles of the
     main loop (stored by the first column of programs); else read the xa _down_kernel wrote.
-    BASE_IN_Y: y already holds x W^T + b (cuBLAS's); only add the low-rank product.
+    BASE_IN_Y: y already holds x W^T (+ b, without COLUMN_SCALE; cuBLAS's); only add the
+    low-rank product. COLUMN_SCALE (DoRA): y = scale * (x W^T + scaling * xa B^T) + b, scale
+    [N] float32, the bias added after the scale; STORE_Z also writes the unscaled sum to z.
     """
     pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -182,7 +194,7 @@ def _forward_kernel(
                     x = drop(x, seed, rm, rk, K, dropout_p)
                 a = load_tile(a_ptr, rk, rr, stride_ak, stride_ar, mask_k, rr < R)
                 xa = mma(x, a, xa, PRECISION)
-        if HAS_BIAS:
+        if HAS_BIAS and not COLUMN_SCALE:
             acc += load_vector(bias_ptr, rn, stride_bias, mask_n)[None, :]
     if COMPUTE_XA:
         xa = xa * dropout_scale
@@ -199,10 +211,16 @@ def _forward_kernel(
             xa = tl.load(xa_ptr + rm[:, None] * R + chunk[None, :], mask=xa_mask, other=0.0)
             b = load_tile(b_ptr, chunk, rn, stride_br, stride_bn, mask_r, mask_n)
             acc = mma(xa * scaling, b.to(tl.float32), acc, PRECISION)
+    if COLUMN_SCALE:
+        if STORE_Z:
+            tl.store(z_ptr + y_offsets, round_to(acc, z_ptr.dtype.element_ty), mask=y_mask)
+        acc = acc * load_vector(scale_ptr, rn, 1, mask_n)[None, :]
+        if HAS_BIAS:
+            acc += load_vector(bias_ptr, rn, stride_bias, mask_n)[None, :]
     tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-_FORWARD_KEY = ["N", "K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"]
+_FORWARD_KEY = ["N", "K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET", "COLUMN_SCALE", "STORE_Z"]
 _forward_large = autotuned(
     configs.GEMM,
     key=_FORWARD_KEY,
@@ -215,7 +233,7 @@ _forward_small = autotuned(
 )(_forward_kernel)
 _add_low_rank = autotuned(
     configs.make(configs.TILE_SHAPES, names=("BLOCK_M", "BLOCK_N"), extra={"GROUP_M": 8}),
-    key=["N", "R", "BLOCK_R", "M_BUCKET"],
+    key=["N", "R", "BLOCK_R", "M_BUCKET", "COLUMN_SCALE", "STORE_Z"],
     prune_configs_by=_prune(_forward_footprint, "y_ptr", "BLOCK_M:M", "BLOCK_N:N"),
     # It adds onto y (cuBLAS's x W^T) in place: every configuration the autotuner times must
     # start from the same y, or the first call of a shape adds the low-rank term many times.
@@ -282,8 +300,13 @@ def _down(x2d, lora_A, seed, dropout_p, dropout_scale, chunk):
     return xa
 
 
-def _forward(path, x2d, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out):
-    """(y, xa) of the forward by `path`, "fused" or "composed"."""
+def forward_on_path(
+    path, x2d, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out,
+    scale=None, keep_z=False,
+):  # fmt: skip
+    """(y, xa, z or None) of the forward by `path`, "fused" or "composed". With `scale` ([N]
+    float32, DoRA's k), y = scale * (x W^T + s xa B^T) + b, and z is that sum unscaled (x's
+    dtype) when `keep_z`."""
     m, k = x2d.shape
     rank, n = lora_A.shape[0], lora_B.shape[0]
     dropout_scale = 1.0 / (1.0 - dropout_p)
@@ -301,26 +324,30 @@ def _forward(path, x2d, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, 
     else:
         xa = _down(x2d, lora_A, seed, dropout_p, dropout_scale, chunk)
     if path == "composed":
-        y = torch.nn.functional.linear(x2d, base_weight(weight, fan_in_fan_out), bias)
-        kernel, bias = _add_low_rank, None
+        # DoRA's bias goes after the scale, in the kernel; LoRA's goes with cuBLAS's product.
+        cublas_bias, bias = (None, bias) if scale is not None else (bias, None)
+        y = torch.nn.functional.linear(x2d, base_weight(weight, fan_in_fan_out), cublas_bias)
+        kernel = _add_low_rank
     else:
         y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
         kernel = _forward_small if m <= SMALL_M else _forward_large
+    z = torch.empty_like(y) if keep_z else None
     extra = {"BLOCK_K": 16} if path == "composed" else {}
     launch(
         kernel,
         tile_grid(m, n),
         x2d, weight, y if bias is None else bias, lora_A, lora_B, xa, y, seed,
+        y if scale is None else scale, y if z is None else z,
         m, n, k, rank, m_bucket(m),
         *x2d.stride(), *weight_strides(weight, fan_in_fan_out),
         0 if bias is None else bias.stride(0), *lora_A.stride(), *lora_B.stride(),
         scaling, dropout_p, dropout_scale,
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, COMPUTE_XA=one_launch,
-        BASE_IN_Y=path == "composed", PRECISION=dot_precision(x2d.dtype),
-        BLOCK_R=epilogue_chunk,
+        BASE_IN_Y=path == "composed", COLUMN_SCALE=scale is not None, STORE_Z=keep_z,
+        PRECISION=dot_precision(x2d.dtype), BLOCK_R=epilogue_chunk,
         **extra,
     )  # fmt: skip
-    return y, xa
+    return y, xa, z
 
 
 def lora_forward(
@@ -346,6 +373,8 @@ def lora_forward(
     seed, dropout_p, _ = dropout_arguments(seed, dropout_p, x.device)
     arguments = (x2d, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, fan_in_fan_out)
     key = ("lora_forward", x.device, x.dtype, n, k, rank, m_bucket(m), dropout_p > 0)
-    candidates = {path: lambda path=path: _forward(path, *arguments) for path in paths(x.dtype)}
-    y, xa = _forward(dispatch.choose(key, x.device, candidates), *arguments)
+    candidates = {
+        path: lambda path=path: forward_on_path(path, *arguments) for path in paths(x.dtype)
+    }
+    y, xa, _ = forward_on_path(dispatch.choose(key, x.device, candidates), *arguments)
     return y.view(*leading, n), xa.view(*leading, rank)

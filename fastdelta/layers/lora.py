@@ -11,6 +11,12 @@ from torch import nn
 from fastdelta import ops
 from fastdelta.injection import original_class
 from fastdelta.layers.base import DeltaLayer, parameter
+from fastdelta.layers.dora_norm import BaseRowNorms
+
+# How a DoRA delta applies dropout: "peft", PEFT's form (the base product takes the dropped
+# input too: a second base GEMM); "low_rank", the DoRA paper's (the low-rank path only: one
+# fused op).
+DORA_DROPOUT_FORMS = ("peft", "low_rank")
 
 
 class _LowRank:
@@ -109,25 +115,38 @@ class LoraDelta(_LowRank, DeltaLayer):
         # DoRA (`use_dora`): the magnitude of each output row, set by `initialise_magnitude`.
         self.register_parameter("lora_magnitude_vector", None)
         self.register_buffer("dora_factor", None, persistent=False)  # while merged
+        self.dora_dropout = "peft"
+        self.dora_exact_norm = False
+        self.base_row_norms = BaseRowNorms()  # the host weight's ||W||^2, kept between forwards
 
-    def initialise_magnitude(self, weight: torch.Tensor) -> None:
+    def initialise_magnitude(
+        self, weight: torch.Tensor, dropout_form: str = "peft", exact_norm: bool = False
+    ) -> None:
         """Make this a DoRA delta (Liu et al., 2024): a magnitude per output feature, started
         at the row norms of W + scaling * B A (the host's `weight`), which scales the layer's
-        output row-wise: y = b + m / ||W + s B A||_row * (x W^T + s x A^T B^T)."""
+        output row-wise: y = b + m / ||W + s B A||_row * (x W^T + s drop(x) A^T B^T).
+        `dropout_form`: one of DORA_DROPOUT_FORMS; `exact_norm`: the norm's gradient reaches A
+        and B (else it is a constant of the backward, as in the paper's section 4.3 and PEFT)."""
+        if dropout_form not in DORA_DROPOUT_FORMS:
+            raise ValueError(
+                f"dropout_form must be one of {DORA_DROPOUT_FORMS}, got {dropout_form!r}"
+            )
+        self.dora_dropout, self.dora_exact_norm = dropout_form, exact_norm
         with torch.no_grad():
             norm = self._weight_norm(weight)
         self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype))
 
     def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """||W + s B A|| of each output row, in float32, without forming the [out, in] sum:
-        ||W||^2 + 2 s <W A^T, B> + s^2 <B (A A^T), B>, each <., .> a row-wise dot product."""
-        base = weight.float()
-        base = base.t() if self.fan_in_fan_out else base  # [out, in]
-        lora_A, lora_B, s = self.lora_A.float(), self.lora_B.float(), self.scaling
-        squared = base.square().sum(1)
-        squared = squared + (2 * s) * ((base @ lora_A.t()) * lora_B).sum(1)
-        squared = squared + (s * s) * ((lora_B @ (lora_A @ lora_A.t())) * lora_B).sum(1)
-        return squared.clamp_min(0).sqrt()
+        """||W + s B A|| of each output row, [out] float32, without forming the [out, in] sum
+        (`ops.dora_weight_norm`), ||W||^2 kept between calls (`BaseRowNorms`). Differentiable
+        in A and B where grad mode is on (and in W, if it trains, by its own ||W||^2)."""
+        if torch.is_grad_enabled() and weight.requires_grad:
+            base_squared = None
+        else:
+            base_squared = self.base_row_norms.get(weight, self.fan_in_fan_out)
+        return ops.dora_weight_norm(
+            weight, self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out, base_squared
+        )
 
     def replace_forward(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The host's output with the delta: x: [..., in_features] -> [..., out_features]."""
@@ -150,20 +169,24 @@ class LoraDelta(_LowRank, DeltaLayer):
         )
 
     def _dora_forward(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """DoRA as PEFT computes it. The norm is a constant of the backward (the DoRA paper's
-        section 4.3). Without dropout: b + k (x W^T + s x A^T B^T), k = m / norm, through the
-        fused LoRA op; with dropout, PEFT's form, whose base product takes the dropped input
+        """DoRA: b + k (x W^T + s drop(x) A^T B^T), k = m / norm, the norm a constant of the
+        backward (the DoRA paper's section 4.3, as in PEFT) unless `dora_exact_norm`. Without
+        dropout, or with the "low_rank" dropout form, the fused `ops.dora_linear`; with dropout
+        in PEFT's form (the default), eager PyTorch, whose base product takes the dropped input
         too: x W^T + b + (k - 1) drop(x) W^T + k s drop(x) A^T B^T."""
-        with torch.no_grad():
-            norm = self._weight_norm(host.weight)
-        k = (self.lora_magnitude_vector / norm.to(self.lora_magnitude_vector.dtype)).to(x.dtype)
+        weight, bias = parameter(host, "weight"), parameter(host, "bias")
+        magnitude = self.lora_magnitude_vector
         dropout = self.dropout if self.training else 0.0
-        weight, bias = host.weight, host.bias
-        if dropout == 0:
-            z = ops.lora_linear(
-                x, weight, None, self.lora_A, self.lora_B, self.scaling, 0.0, self.fan_in_fan_out
-            )
-            return z * k if bias is None else torch.addcmul(bias, z, k)
+        if dropout == 0 or self.dora_dropout == "low_rank":
+            with torch.no_grad():
+                norm = self._weight_norm(weight)
+            return ops.dora_linear(
+                x, weight, bias, self.lora_A, self.lora_B, magnitude, self.scaling, dropout,
+                self.fan_in_fan_out, norm=norm, exact_norm=self.dora_exact_norm,
+            )  # fmt: skip
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.dora_exact_norm):
+            norm = self._weight_norm(weight)
+        k = (magnitude / norm.to(magnitude.dtype)).to(x.dtype)
         linear_weight = weight.t() if self.fan_in_fan_out else weight
         dropped = F.dropout(x, dropout, True)
         lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
@@ -251,11 +274,12 @@ class LoraDelta(_LowRank, DeltaLayer):
             return "merged"
         if self.stacked:
             return "eager (stacked on another LoRA)"
-        if self.lora_magnitude_vector is not None and self.dropout:
+        dora = self.lora_magnitude_vector is not None
+        if dora and self.dropout and self.dora_dropout == "peft":
             return "eager (DoRA with dropout)"
         (out_features, rank), in_features = self.lora_B.shape, self.lora_A.shape[1]
         return ops.backend_description(
-            "lora",
+            "dora" if dora else "lora",
             self.lora_A.device,
             self.lora_A.dtype,
             in_features=in_features,

@@ -23,8 +23,17 @@ from fastdelta.ops import cpp_backend, verification
 from fastdelta.ops.activations import canonical_activation
 from fastdelta.ops.adapter import adapter_bottleneck_eager, adapter_bottleneck_op
 from fastdelta.ops.backend import get_backend, resolve_backend, set_backend
+from fastdelta.ops.dora import dora_linear_eager, dora_linear_op
+from fastdelta.ops.dora import row_norms_squared as dora_row_norms_squared
+from fastdelta.ops.dora import weight_norm as dora_weight_norm
 from fastdelta.ops.eager import autocast_dtype, eager_path
 from fastdelta.ops.lora import lora_linear_eager, lora_linear_op
+from fastdelta.ops.multi_lora_functional import (
+    AdapterSegments,
+    adapter_segments,
+    multi_lora_linear,
+    stack_lora_weights,
+)
 
 # The metadata of each kind of call whose arguments passed their checks (see the module
 # docstring); emptied when it grows past MAX_CHECKED, which only varied shapes would do.
@@ -47,12 +56,15 @@ def _check_once(check, key: tuple, *arguments) -> None:
     _checked.add(key)
 
 
-def _check_lora_arguments(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out):
-    """Raise a ValueError naming the argument whose shape, dtype or device does not fit."""
+def _check_lora_arguments(
+    x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out, op="lora_linear"
+):
+    """Raise a ValueError naming the argument whose shape, dtype or device does not fit, and
+    the op (`op`: lora_linear, or dora_linear, whose LoRA operands these are too)."""
     for name, tensor in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if tensor.dim() != 2:
             raise ValueError(
-                f"fastdelta.ops.lora_linear: {name} must be 2-D, got shape {tuple(tensor.shape)}"
+                f"fastdelta.ops.{op}: {name} must be 2-D, got shape {tuple(tensor.shape)}"
             )
     out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
     layout = "[in, out] (fan_in_fan_out)" if fan_in_fan_out else "[out, in]"
@@ -80,7 +92,7 @@ def _check_lora_arguments(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan
     if not 0.0 <= dropout_p < 1.0:
         problems.append(f"dropout_p must be in [0, 1), got {dropout_p}")
     if problems:
-        raise ValueError("fastdelta.ops.lora_linear: " + "; ".join(problems))
+        raise ValueError(f"fastdelta.ops.{op}: " + "; ".join(problems))
 
 
 def lora_linear(
@@ -254,18 +266,111 @@ def adapter_bottleneck(
 
 
 def backend_description(op: str, device: torch.device, dtype: torch.dtype, **features) -> str:
-    """The backend that runs `op` ("lora" or "adapter") on `dtype` tensors on `device`, and
+    """The backend that runs `op` ("lora", "dora" or "adapter") on `dtype` tensors on `device`, and
     where its variants with these `features` (e.g. in_features=768, rank=8) run that failed
     their first-use check (see fastdelta.ops.verification): "triton (cpp for 1 variant that
     failed verification)"."""
     return verification.moved_summary(resolve_backend(device, dtype), op, device, **features)
 
 
+def _check_dora_arguments(
+    x, weight, bias, lora_A, lora_B, magnitude, norm, dropout_p, fan_in_fan_out
+):
+    """Raise a ValueError naming the argument whose shape, dtype or device does not fit."""
+    _check_lora_arguments(x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out, "dora_linear")
+    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    problems = []
+    for name, tensor in (("magnitude", magnitude), ("norm", norm)):
+        if tensor is None:
+            continue
+        if tensor.shape != (out_features,):
+            problems.append(
+                f"{name} {tuple(tensor.shape)} must be [{out_features}], a value per output feature"
+            )
+        elif not tensor.is_floating_point():
+            problems.append(f"{name} must be floating point, got {tensor.dtype}")
+        if tensor.device != x.device:
+            problems.append(f"{name} is on {tensor.device} but x is on {x.device}")
+    if problems:
+        raise ValueError("fastdelta.ops.dora_linear: " + "; ".join(problems))
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    fan_in_fan_out: bool = False,
+    seed: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+    exact_norm: bool = False,
+) -> torch.Tensor:
+    """A linear layer with a DoRA delta: y = k * (x W^T + scaling * (dropout(x) A^T) B^T) + b,
+    k = magnitude / ||W + scaling * B A|| per output feature.
+
+    Shapes and dropout as in `lora_linear` (dropout on the low-rank path only, the same mask for
+    the same seed); magnitude: [N]. `norm` ([N]): the row norms of W + scaling * B A when the
+    caller has them (`dora_weight_norm`, which can reuse a kept ||W||^2), else computed here; a
+    constant of the backward (detached), unless `exact_norm`, which adds the gradient through it
+    to lora_A, lora_B (and the weight). The backward keeps z = the unscaled output ([..., N],
+    x's dtype) when the magnitude needs a gradient (or exact_norm one through the norm).
+    """
+    device = x.device
+    dtype = autocast_dtype(device)
+    if dtype is not None:
+        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+        bias = None if bias is None else bias.to(dtype)
+    backend = resolve_backend(device, x.dtype)
+    arguments = (x, weight, bias, lora_A, lora_B, magnitude, norm, dropout_p, fan_in_fan_out)
+    if torch.compiler.is_compiling():
+        _check_dora_arguments(*arguments)
+    else:
+        key = (
+            "dora", x.shape[-1], x.dtype, x.device, _metadata(weight), _metadata(bias),
+            _metadata(lora_A), _metadata(lora_B), _metadata(magnitude), _metadata(norm),
+            dropout_p, fan_in_fan_out,
+        )  # fmt: skip
+        _check_once(_check_dora_arguments, key, *arguments)
+    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    precise = torch.promote_types(x.dtype, torch.float32)  # xa's, k's and the norm's dtype
+    if norm is None:
+        with torch.no_grad():
+            norm = dora_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    norm, magnitude = norm.detach().to(precise), magnitude.to(precise)
+    keep_z = torch.is_grad_enabled() and (
+        magnitude.requires_grad
+        or (exact_norm and any(t.requires_grad for t in (weight, lora_A, lora_B)))
+    )
+    if dropout_p > 0 and seed is None:
+        seed = torch.randint(2**62, (), dtype=torch.int64, device=x.device)
+    elif dropout_p == 0:
+        seed = None
+    arguments = (
+        x, weight, bias, lora_A, lora_B, magnitude, norm, seed, float(scaling), float(dropout_p),
+        fan_in_fan_out, bool(exact_norm), keep_z,
+    )  # fmt: skip
+    if eager_path(x, weight, bias, lora_A, lora_B, magnitude, norm, seed):
+        return dora_linear_eager(*arguments, backend)
+    return dora_linear_op(*arguments, backend)[0]
+
+
 __all__ = [
+    "AdapterSegments",
     "adapter_bottleneck",
+    "adapter_segments",
     "backend_description",
+    "dora_linear",
+    "dora_row_norms_squared",
+    "dora_weight_norm",
     "get_backend",
     "lora_linear",
+    "multi_lora_linear",
     "resolve_backend",
     "set_backend",
+    "stack_lora_weights",
 ]

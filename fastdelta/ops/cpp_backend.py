@@ -22,6 +22,8 @@ import functools
 
 import torch
 
+from fastdelta.ops import dora_composed, multi_lora_composed
+
 
 @functools.cache
 def _op(name: str) -> torch._ops.OpOverload:
@@ -91,6 +93,30 @@ def lora_backward(
     return tuple(_op("lora_backward")(*arguments, list(needs)))
 
 
+def dora_forward(
+    x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, fan_in_fan_out,
+    keep_z,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(y, xa, z or None) of DoRA: the extension's LoRA forward without bias computes z, ATen
+    scales its columns and adds the bias (`fastdelta.ops.dora_composed`)."""
+    return dora_composed.dora_forward_using(
+        lora_forward, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling,
+        dropout_p, fan_in_fan_out, keep_z,
+    )  # fmt: skip
+
+
+def dora_backward(
+    grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, z, seed, scaling, dropout_p,
+    fan_in_fan_out, exact_norm, needs,
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """Gradients of (x, weight, bias, lora_A, lora_B, magnitude): ATen scales dY by k once, the
+    extension's LoRA backward takes it from there."""
+    return dora_composed.dora_backward_using(
+        lora_backward, dora_composed.scale_grad, grad_y, x, weight, lora_A, lora_B, magnitude,
+        norm, xa, z, seed, scaling, dropout_p, fan_in_fan_out, exact_norm, needs,
+    )  # fmt: skip
+
+
 def adapter_forward(
     h: torch.Tensor,
     down_weight: torch.Tensor,
@@ -143,3 +169,28 @@ def adapter_backward(
             grad_out, h, down_weight, up_weight, pre, scaling, activation, sequential, list(needs)
         )
     )
+
+
+def multi_lora_forward(
+    x, weight, bias, lora_A, lora_B, scalings, order, starts, seed, dropout_p, fan_in_fan_out
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa) of the mixed-batch LoRA (`fastdelta.ops.multi_lora`): ATen's segmented products
+    (`fastdelta.ops.multi_lora_composed`) with the extension's dropout mask, so a row is dropped
+    as this backend's lora_linear drops it. The extension has no kernels of its own for it."""
+    multi_lora_composed.note_cpp_route()
+    return multi_lora_composed.multi_lora_forward_using(
+        dropout_keep_mask, x, weight, bias, lora_A, lora_B, scalings, order, starts, seed,
+        dropout_p, fan_in_fan_out,
+    )  # fmt: skip
+
+
+def multi_lora_backward(
+    grad_y, x, weight, lora_A, lora_B, scalings, order, starts, xa, seed, dropout_p,
+    fan_in_fan_out, needs,
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """Gradients of (x, weight, bias, lora_A, lora_B) of the mixed-batch LoRA; None for those
+    not needed."""
+    return multi_lora_composed.multi_lora_backward_using(
+        dropout_keep_mask, grad_y, x, weight, lora_A, lora_B, scalings, order, starts, xa, seed,
+        dropout_p, fan_in_fan_out, needs,
+    )  # fmt: skip

@@ -146,6 +146,49 @@ class LoraProblem(_Problem):
         )
 
 
+class DoraProblem(LoraProblem):
+    """A DoRA variant: LoRA's inputs and a magnitude, trained where the variant keeps z (else a
+    constant, as in a call that trains none); the norm from the rounded inputs, in float32
+    (float64 for float64), as the DoRA layer gives it."""
+
+    names = (*LORA_NAMES, "magnitude")
+
+    def __init__(self, variant: tuple):
+        _, device, dtype, has_bias, dropout, fan_in_fan_out, keep_z, exact_norm = variant[:8]
+        super().__init__(("lora", device, dtype, has_bias, dropout, fan_in_fan_out, *variant[8:]))
+        # The norm's gradient needs z: without it the call trains none of W, A and B.
+        self.keep_z, self.exact_norm = keep_z, exact_norm and keep_z
+        magnitude = (1.0 + 0.1 * self.random(variant[8])).to(dtype).to(self.precise)
+        self.magnitude = magnitude
+        self.inputs["magnitude"] = magnitude if keep_z else None
+
+    def run(self, backend) -> dict[str, torch.Tensor | None]:
+        x, weight, bias, lora_A, lora_B, _ = self.cast(self.inputs, self.dtype).values()
+        base = weight.t() if self.fan_in_fan_out else weight
+        combined = base.to(self.precise) + SCALING * (
+            lora_B.to(self.precise) @ lora_A.to(self.precise)
+        )
+        norm = torch.linalg.vector_norm(combined, dim=1)
+        arguments = (self.seed, SCALING, self.dropout_p, self.fan_in_fan_out)
+        tensors = (x, weight, bias, lora_A, lora_B, self.magnitude, norm)
+        y, xa, z = backend.dora_forward(*tensors, *arguments, self.keep_z)
+        needs = (True, True, bias is not None, True, True, self.keep_z)
+        grad_y = self.grad_output.to(self.dtype)
+        tensors = (x, weight, lora_A, lora_B, self.magnitude, norm, xa, z)
+        grads = backend.dora_backward(grad_y, *tensors, *arguments, self.exact_norm, needs)
+        if self.seed is not None:
+            self.keep_mask = backend.dropout_keep_mask(self.seed, tuple(x.shape), self.dropout_p)
+        return self.named(y, grads)
+
+    def reference(self, leaves: dict, dtype: torch.dtype) -> torch.Tensor:
+        magnitude = leaves["magnitude"]
+        magnitude = self.magnitude.to(dtype) if magnitude is None else magnitude
+        return reference.dora_linear(
+            *(leaves[name] for name in LORA_NAMES), magnitude, SCALING, self.dropout_p,
+            self.fan_in_fan_out, self.keep_mask, self.exact_norm,
+        )  # fmt: skip
+
+
 class AdapterProblem(_Problem):
     names = ADAPTER_NAMES
 
@@ -190,7 +233,69 @@ class AdapterProblem(_Problem):
         return reference.adapter_bottleneck(*leaves.values(), SCALING, self.activation, residual)
 
 
-PROBLEMS = {"lora": LoraProblem, "adapter": AdapterProblem}
+class MultiLoraProblem(_Problem):
+    """A mixed-batch LoRA variant (fastdelta.ops.multi_lora): adapter j of rank max(1, r - j),
+    zero-padded to r in the stack, scaled by SCALING * (1 + j / n); row i goes to adapter
+    i mod (n + 1), n standing for no adapter (-1), so row 0 always has one."""
+
+    names = LORA_NAMES
+
+    def __init__(self, variant: tuple):
+        _, device, dtype, has_bias, dropout, fan_in_fan_out, n, k, r, adapters, m_bucket = variant
+        super().__init__(device, dtype)
+        self.rows = m = bucket_rows(m_bucket)
+        self.fan_in_fan_out = fan_in_fan_out
+        lora_A = self.random(adapters, r, k, scale=k**-0.5)
+        lora_B = self.random(adapters, n, r, scale=r**-0.5)
+        for j in range(adapters):
+            lora_A[j, max(1, r - j) :] = 0
+            lora_B[j, :, max(1, r - j) :] = 0
+        weight_shape = (k, n) if fan_in_fan_out else (n, k)
+        self.inputs = {
+            "x": self.random(m, k),
+            "weight": self.random(*weight_shape, scale=k**-0.5),
+            "bias": self.random(n) if has_bias else None,
+            "lora_A": lora_A,
+            "lora_B": lora_B,
+        }
+        self.scalings = SCALING * (1 + torch.arange(adapters, device=device) / adapters)
+        ids = torch.arange(m, device=device) % (adapters + 1)
+        self.adapter_ids = torch.where(ids == adapters, -1, ids)
+        # The segments, as fastdelta.ops.adapter_segments computes them.
+        sorted_ids, self.order = torch.sort(ids, stable=True)
+        self.starts = torch.searchsorted(sorted_ids, torch.arange(adapters + 1, device=device))
+        self.grad_output = self.random(m, n)
+        self.seed = torch.tensor(SEED, dtype=torch.int64, device=device) if dropout else None
+        self.dropout_p = DROPOUT_P if dropout else 0.0
+
+    def run(self, backend) -> dict[str, torch.Tensor | None]:
+        x, weight, bias, lora_A, lora_B = self.cast(self.inputs, self.dtype).values()
+        scalings = self.scalings.to(torch.promote_types(self.dtype, torch.float32))
+        segments = (scalings, self.order, self.starts)
+        arguments = (self.seed, self.dropout_p, self.fan_in_fan_out)
+        y, xa = backend.multi_lora_forward(x, weight, bias, lora_A, lora_B, *segments, *arguments)
+        needs = (True, True, bias is not None, True, True)
+        grad_y = self.grad_output.to(self.dtype)
+        grads = backend.multi_lora_backward(
+            grad_y, x, weight, lora_A, lora_B, *segments, xa, *arguments, needs
+        )
+        if self.seed is not None:
+            self.keep_mask = backend.dropout_keep_mask(self.seed, tuple(x.shape), self.dropout_p)
+        return self.named(y, grads)
+
+    def reference(self, leaves: dict, dtype: torch.dtype) -> torch.Tensor:
+        return reference.multi_lora_linear(
+            *leaves.values(), self.scalings.to(dtype), self.adapter_ids, self.dropout_p,
+            self.fan_in_fan_out, self.keep_mask,
+        )  # fmt: skip
+
+
+PROBLEMS = {
+    "lora": LoraProblem,
+    "dora": DoraProblem,
+    "adapter": AdapterProblem,
+    "multi_lora": MultiLoraProblem,
+}
 
 
 def compare(what: str, got, precise, eager, rule: dict[str, float]) -> str | None:

@@ -39,6 +39,70 @@ def lora_linear(
     return y + F.linear(F.linear(dropped, lora_A) * scaling, lora_B)
 
 
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    fan_in_fan_out: bool = False,
+    keep_mask: torch.Tensor | None = None,
+    exact_norm: bool = False,
+) -> torch.Tensor:
+    """DoRA with dropout on the low-rank path, forming V = W + scaling * B A:
+    y = m / ||V||_row * (x W^T + scaling * (dropout(x) A^T) B^T) + b, differentiated by
+    autograd; the norm is a constant of the backward unless `exact_norm`. magnitude: [N];
+    the rest as in lora_linear."""
+    base_weight = weight.t() if fan_in_fan_out else weight
+    norm = torch.linalg.vector_norm(base_weight + scaling * (lora_B @ lora_A), dim=1)
+    if not exact_norm:
+        norm = norm.detach()
+    z = lora_linear(x, weight, None, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out, keep_mask)
+    y = z * (magnitude / norm).to(z.dtype)
+    return y if bias is None else y + bias
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scalings: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    dropout_p: float = 0.0,
+    fan_in_fan_out: bool = False,
+    keep_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A LoRA per row, each adapter's rows run separately, differentiated by autograd:
+    y[i] = x[i] W^T + b + scalings[j] (dropout(x[i]) A[j]^T) B[j]^T, j = adapter_ids[i] (-1:
+    none). lora_A: [n, r, K]; lora_B: [n, N, r]; scalings: [n]; adapter_ids: one per row of x;
+    keep_mask as in lora_linear (x's shape)."""
+    k = x.shape[-1]
+    ids = adapter_ids.reshape(-1)
+    x2d = x.reshape(-1, k)
+    mask = None if keep_mask is None else keep_mask.reshape(-1, k)
+    base_weight = weight.t() if fan_in_fan_out else weight
+    y = F.linear(x2d, base_weight, bias)
+    for j in range(lora_A.shape[0]):
+        rows = (ids == j).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        x_j = x2d[rows]
+        if dropout_p == 0:
+            dropped = x_j
+        elif mask is None:
+            dropped = F.dropout(x_j, dropout_p, training=True)
+        else:
+            dropped = x_j * mask[rows] / (1 - dropout_p)
+        low_rank = F.linear(F.linear(dropped, lora_A[j]) * scalings[j].to(x.dtype), lora_B[j])
+        y = y.index_add(0, rows, low_rank)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 def adapter_bottleneck(
     h: torch.Tensor,
     down_weight: torch.Tensor,

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from fastdelta.ops import dora_composed, multi_lora_composed
 from fastdelta.ops.activations import ACTIVATION_GRADS, ACTIVATIONS
 
 # Dropout bits: one int16 per element, compared with a threshold, so the drop rate is p
@@ -265,3 +266,50 @@ def adapter_backward(
             )
             grad_h = grad_h.view(h.shape)
     return grad_h, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias
+
+
+def dora_forward(
+    x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling, dropout_p, fan_in_fan_out,
+    keep_z,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(y, xa, z or None) of DoRA, y = k * (x W^T + s drop(x) A^T B^T) + b with k = magnitude /
+    norm: this backend's LoRA forward without bias, then ATen (`fastdelta.ops.dora_composed`);
+    z (x's dtype) is returned only with `keep_z`."""
+    return dora_composed.dora_forward_using(
+        lora_forward, x, weight, bias, lora_A, lora_B, magnitude, norm, seed, scaling,
+        dropout_p, fan_in_fan_out, keep_z,
+    )  # fmt: skip
+
+
+def dora_backward(
+    grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, z, seed, scaling, dropout_p,
+    fan_in_fan_out, exact_norm, needs,
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """Gradients of (x, weight, bias, lora_A, lora_B, magnitude); None for those not needed."""
+    return dora_composed.dora_backward_using(
+        lora_backward, dora_composed.scale_grad, grad_y, x, weight, lora_A, lora_B, magnitude,
+        norm, xa, z, seed, scaling, dropout_p, fan_in_fan_out, exact_norm, needs,
+    )  # fmt: skip
+
+
+def multi_lora_forward(
+    x, weight, bias, lora_A, lora_B, scalings, order, starts, seed, dropout_p, fan_in_fan_out
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa) of the mixed-batch LoRA (`fastdelta.ops.multi_lora`): segmented ATen products
+    (`fastdelta.ops.multi_lora_composed`) with this backend's dropout mask."""
+    return multi_lora_composed.multi_lora_forward_using(
+        dropout_keep_mask, x, weight, bias, lora_A, lora_B, scalings, order, starts, seed,
+        dropout_p, fan_in_fan_out,
+    )  # fmt: skip
+
+
+def multi_lora_backward(
+    grad_y, x, weight, lora_A, lora_B, scalings, order, starts, xa, seed, dropout_p,
+    fan_in_fan_out, needs,
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """Gradients of (x, weight, bias, lora_A, lora_B) of the mixed-batch LoRA; None for those
+    not needed."""
+    return multi_lora_composed.multi_lora_backward_using(
+        dropout_keep_mask, grad_y, x, weight, lora_A, lora_B, scalings, order, starts, xa, seed,
+        dropout_p, fan_in_fan_out, needs,
+    )  # fmt: skip

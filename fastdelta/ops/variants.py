@@ -1,10 +1,10 @@
 """Kernel variants: what first-use verification checks one at a time, and names.
 
 A variant is a tuple (plain, so that building and hashing one per call costs little): the op's
-name and then its fields, LORA_FIELDS or ADAPTER_FIELDS. It is at least as fine as every Triton
-autotune key, so that each autotuned configuration is checked: op, device, dtype, bias, dropout,
-layout (fan_in_fan_out) or activation and sequential, the sizes, and the row-count bucket
-min(M.bit_length(), 16) of the kernels (`fastdelta.kernels`' m_bucket).
+name and then its fields, LORA_FIELDS, DORA_FIELDS or ADAPTER_FIELDS. It is at least as fine
+as every Triton autotune key, so that each autotuned configuration is checked: op, device, dtype,
+bias, dropout, layout (fan_in_fan_out) or activation and sequential, the sizes, and the row-count
+bucket min(M.bit_length(), 16) of the kernels (`fastdelta.kernels`' m_bucket).
 """
 
 from __future__ import annotations
@@ -36,7 +36,19 @@ ADAPTER_FIELDS = (
     "bottleneck",
     "m_bucket",
 )
-FIELDS = {"lora": LORA_FIELDS, "adapter": ADAPTER_FIELDS}
+# DoRA's kernels are LoRA's with the column scale in the forward's epilogue (and z written when
+# the backward needs it: keep_z, a constant of the kernel) and a scaling pass in the backward;
+# exact_norm adds ATen products only, and is a field so that the check runs the call as made.
+DORA_FIELDS = (*LORA_FIELDS[:6], "keep_z", "exact_norm", *LORA_FIELDS[6:])
+# Mixed-batch LoRA (fastdelta.ops.multi_lora): LoRA's fields and the number of adapters stacked,
+# which sizes its grids and its weight gradients' reductions.
+MULTI_LORA_FIELDS = (*LORA_FIELDS[:9], "adapters", LORA_FIELDS[9])
+FIELDS = {
+    "lora": LORA_FIELDS,
+    "dora": DORA_FIELDS,
+    "adapter": ADAPTER_FIELDS,
+    "multi_lora": MULTI_LORA_FIELDS,
+}
 
 
 def bucket_rows(m_bucket: int) -> int:
@@ -52,6 +64,31 @@ def lora_variant(
     return (
         "lora", device, dtype, has_bias, dropout, fan_in_fan_out,
         out_features, in_features, rank, bucket,
+    )  # fmt: skip
+
+
+def dora_variant(
+    device, dtype, has_bias, dropout, fan_in_fan_out, keep_z, exact_norm, out_features,
+    in_features, rank, m,
+) -> tuple:  # fmt: skip
+    """The variant of a DoRA call (fields: DORA_FIELDS) on an x of m rows."""
+    bucket = min(m.bit_length(), MAX_M_BUCKET)
+    return (
+        "dora", device, dtype, has_bias, dropout, fan_in_fan_out, keep_z, exact_norm,
+        out_features, in_features, rank, bucket,
+    )  # fmt: skip
+
+
+def multi_lora_variant(
+    device, dtype, has_bias, dropout, fan_in_fan_out, out_features, in_features, rank, adapters,
+    m,
+) -> tuple:  # fmt: skip
+    """The variant of a mixed-batch LoRA call (fields: MULTI_LORA_FIELDS) on an x of m rows;
+    rank is the stack's (the largest adapter's)."""
+    bucket = min(m.bit_length(), MAX_M_BUCKET)
+    return (
+        "multi_lora", device, dtype, has_bias, dropout, fan_in_fan_out,
+        out_features, in_features, rank, adapters, bucket,
     )  # fmt: skip
 
 

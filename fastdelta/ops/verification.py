@@ -34,7 +34,7 @@ from collections import Counter
 import torch
 
 from fastdelta.ops.backend import unavailable_reason
-from fastdelta.ops.variants import FIELDS, adapter_variant, describe, lora_variant
+from fastdelta.ops.variants import FIELDS, adapter_variant, describe, dora_variant, lora_variant
 from fastdelta.ops.verdicts import verdict
 
 ENVIRONMENT_VARIABLE = "FASTDELTA_VERIFY"
@@ -102,6 +102,25 @@ def lora_backend(requested, x, weight, has_bias, lora_A, seed, fan_in_fan_out, c
     variant = lora_variant(
         x.device, x.dtype, has_bias, seed is not None, fan_in_fan_out, n, k, lora_A.shape[0], m
     )
+    return route(requested, variant, check)
+
+
+def dora_backend(
+    requested, x, weight, has_bias, lora_A, seed, fan_in_fan_out, keep_z, exact_norm, check=True
+) -> str:
+    """The backend that runs this DoRA call; see lora_backend. A DoRA variant is checked on its
+    own: its kernels are LoRA's with other constants (the column scale, z kept)."""
+    if requested == "torch" or not may_route(x.device):
+        return requested
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    if m == 0:
+        return requested
+    n = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    variant = dora_variant(
+        x.device, x.dtype, has_bias, seed is not None, fan_in_fan_out, keep_z, exact_norm,
+        n, k, lora_A.shape[0], m,
+    )  # fmt: skip
     return route(requested, variant, check)
 
 

@@ -27,9 +27,15 @@ LORA_RANKS = (16, 1, 8, 32, 64, 128, 256, 512)
 # and above it (the chunked path).
 BOTTLENECKS = (24, 8, 64, 128, 200, 256, 512)
 ACTIVATIONS = ("gelu_new", "relu", "gelu", "silu")
-# The gradients needed: LoRA (x, A, B); adapter (h, D, b_d, U, b_u). At least one.
+# The gradients needed: LoRA (x, A, B); DoRA (x, A, B, b, magnitude); adapter (h, D, b_d, U,
+# b_u). At least one.
 LORA_NEEDS = tuple(n for n in itertools.product((True, False), repeat=3) if any(n))
+DORA_NEEDS = tuple(n for n in itertools.product((True, False), repeat=5) if any(n))
 ADAPTER_NEEDS = tuple(n for n in itertools.product((True, False), repeat=5) if any(n))
+
+# Adapters stacked in a mixed-batch LoRA: several, one, and more than 16 (the kernels' vector of
+# segment starts is 16 wide up to 16 adapters, wider beyond).
+MULTI_LORA_ADAPTERS = (4, 1, 40)
 
 # The factors every LoRA launcher has, then every adapter launcher (in grid order).
 _LORA_SHAPES = {
@@ -56,6 +62,29 @@ FACTORS = {
         "fan_in_fan_out": (False, True),
         "needs": LORA_NEEDS,
         "grad": ("contiguous", "expanded"),  # y.sum().backward() sends a stride-0 gradient
+    },
+    # DoRA: LoRA's launches with the column scale (and z kept for the magnitude's gradient),
+    # and the backward's scaling pass; exact_norm adds ATen products only.
+    "dora_forward": {
+        **_LORA_SHAPES,
+        "bias": (True, False),
+        "fan_in_fan_out": (False, True),
+        "keep_z": (True, False),
+    },
+    "dora_backward": {
+        **_LORA_SHAPES,
+        "fan_in_fan_out": (False, True),
+        "needs": DORA_NEEDS,
+        "grad": ("contiguous", "expanded"),
+    },
+    # Mixed-batch LoRA: its base product is cuBLAS's, so the bias and the layout launch nothing
+    # of its own.
+    "multi_lora_forward": {**_LORA_SHAPES, "adapters": MULTI_LORA_ADAPTERS},
+    "multi_lora_backward": {
+        **_LORA_SHAPES,
+        "adapters": MULTI_LORA_ADAPTERS,
+        "needs": LORA_NEEDS,
+        "grad": ("contiguous", "expanded"),
     },
     "adapter_forward": {
         **_ADAPTER_SHAPES,

@@ -15,9 +15,13 @@ from .. import (
     adapter_backward,
     adapter_forward,
     dispatch,
+    dora_backward,
+    dora_forward,
     dropout_keep_mask,
     lora_backward,
     lora_forward,
+    multi_lora_backward,
+    multi_lora_forward,
 )
 from .factors import DTYPES, Case
 
@@ -85,6 +89,74 @@ def _call_lora_backward(dtype, m, k, n, rank, dropout, fan_in_fan_out, needs, gr
     )  # fmt: skip
 
 
+def _dora_scale(n: int):
+    """The magnitude and the norm of a DoRA call: [n] float32 (k's dtype for every Triton dtype)."""
+    return _meta(n, dtype=torch.float32), _meta(n, dtype=torch.float32)
+
+
+def _call_dora_forward(dtype, m, k, n, rank, dropout, bias, fan_in_fan_out, keep_z):
+    x, weight, lora_a, lora_b = _lora_tensors(dtype, m, k, n, rank, fan_in_fan_out)
+    bias = _meta(n, dtype=dtype) if bias else None
+    magnitude, norm = _dora_scale(n)
+    dora_forward(
+        x, weight, bias, lora_a, lora_b, magnitude, norm, _seed(dropout), 2.0, 0.1,
+        fan_in_fan_out, keep_z,
+    )  # fmt: skip
+
+
+def _call_dora_backward(dtype, m, k, n, rank, dropout, fan_in_fan_out, needs, grad):
+    x, weight, lora_a, lora_b = _lora_tensors(dtype, m, k, n, rank, fan_in_fan_out)
+    magnitude, norm = _dora_scale(n)
+    seed = _seed(dropout)
+    need_x, need_a, need_b, need_bias, need_magnitude = needs
+    scale = (magnitude, norm)
+    with recording():  # the forward only gives xa and z as the backward receives them
+        _, xa, z = dora_forward(
+            x, weight, None, lora_a, lora_b, *scale, seed, 2.0, 0.1, fan_in_fan_out,
+            need_magnitude,
+        )  # fmt: skip
+    grad_y = (
+        _meta(1, 1, dtype=dtype).expand(m, n) if grad == "expanded" else _meta(m, n, dtype=dtype)
+    )
+    dora_backward(
+        grad_y, x, weight, lora_a, lora_b, *scale, xa, z, seed, 2.0, 0.1, fan_in_fan_out, False,
+        (need_x, False, need_bias, need_a, need_b, need_magnitude),
+    )  # fmt: skip
+
+
+def _multi_lora_tensors(dtype, m, k, n, rank, adapters):
+    """x, the weight, the stacks, the scalings and the segments of a mixed batch."""
+    x, weight = _meta(m, k, dtype=dtype), _meta(n, k, dtype=dtype)
+    stacks = (_meta(adapters, rank, k, dtype=dtype), _meta(adapters, n, rank, dtype=dtype))
+    segments = (
+        _meta(adapters, dtype=torch.float32),
+        _meta(m, dtype=torch.int64),
+        _meta(adapters + 1, dtype=torch.int64),
+    )
+    return x, weight, *stacks, *segments
+
+
+def _call_multi_lora_forward(dtype, m, k, n, rank, dropout, adapters):
+    tensors = _multi_lora_tensors(dtype, m, k, n, rank, adapters)
+    x, weight, lora_a, lora_b, *segments = tensors
+    multi_lora_forward(x, weight, None, lora_a, lora_b, *segments, _seed(dropout), 0.1, False)
+
+
+def _call_multi_lora_backward(dtype, m, k, n, rank, dropout, adapters, needs, grad):
+    x, weight, lora_a, lora_b, *segments = _multi_lora_tensors(dtype, m, k, n, rank, adapters)
+    seed = _seed(dropout)
+    with recording():  # the forward only gives xa as the backward receives it
+        _, xa = multi_lora_forward(x, weight, None, lora_a, lora_b, *segments, seed, 0.1, False)
+    grad_y = (
+        _meta(1, 1, dtype=dtype).expand(m, n) if grad == "expanded" else _meta(m, n, dtype=dtype)
+    )
+    need_x, need_a, need_b = needs
+    multi_lora_backward(
+        grad_y, x, weight, lora_a, lora_b, *segments, xa, seed, 0.1, False,
+        (need_x, False, False, need_a, need_b),
+    )  # fmt: skip
+
+
 def _adapter_tensors(dtype, m, d_in, d_out, rank, sequential):
     d_out = d_in if sequential else d_out
     h, residual = _meta(m, d_in, dtype=dtype), None if sequential else _meta(m, d_out, dtype=dtype)
@@ -112,9 +184,13 @@ def _call_dropout_keep_mask(dtype, m, k):
 CALLS = {
     "lora_forward": _call_lora_forward,
     "lora_backward": _call_lora_backward,
+    "dora_forward": _call_dora_forward,
+    "dora_backward": _call_dora_backward,
     "adapter_forward": _call_adapter_forward,
     "adapter_backward": _call_adapter_backward,
     "dropout_keep_mask": _call_dropout_keep_mask,
+    "multi_lora_forward": _call_multi_lora_forward,
+    "multi_lora_backward": _call_multi_lora_backward,
 }
 
 
