@@ -40,7 +40,11 @@ __all__ = [
     "SoftPromptModel",
     "Visualization",
     "__version__",
+    "active_deltas",
+    "add_weighted_lora",
+    "delta_names",
     "get_backend",
+    "set_active",
     "set_backend",
     "supported_architectures",
 ]
@@ -52,6 +56,10 @@ _DEFINED_ELSEWHERE = {
     "supported_architectures": "fastdelta.structures",
     "Visualization": "fastdelta.visualization",
     "DeltaTrainer": "fastdelta.integrations",
+    "active_deltas": "fastdelta.delta_models.names",
+    "delta_names": "fastdelta.delta_models.names",
+    "set_active": "fastdelta.delta_models.names",
+    "add_weighted_lora": "fastdelta.delta_models.weighted",
 }
 _EXPORTS = {
     name: _DEFINED_ELSEWHERE.get(name, "fastdelta.delta_models")

@@ -121,6 +121,45 @@ def checkpoint_format(path: str | Path) -> str:
     )
 
 
+def _top_name(path: Path) -> str | None:
+    """The delta model name of the checkpoint directly in `path` (a PEFT adapter's is
+    "default", as PEFT names the one it saves at the top), or None where there is none."""
+    if (path / PEFT_CONFIG_NAME).is_file():
+        return "default"
+    config = path / CONFIG_NAME
+    if config.is_file() and _is_delta_config(config):
+        name = _json_file(config).get("name", "default")
+        return name if isinstance(name, str) else "default"
+    return None
+
+
+def named_directory(path, name: str | None) -> Path:
+    """The directory holding the checkpoint of the delta model `name` in the directory `path`:
+    `<path>/<name>` when that holds a checkpoint (PEFT's `save_pretrained` writes every adapter
+    but "default" to such a subdirectory), else `path` itself, whose checkpoint then loads
+    under that name. Where `path` holds checkpoints in subdirectories and `name` is neither one
+    of them nor the name of the one at the top, which one is meant is unclear: refused, listing
+    them. `name` None (or not a valid name, which the config refuses) is `path`."""
+    path = directory_path(path)
+    if not isinstance(name, str) or not name.isidentifier() or not path.is_dir():
+        return path
+    if _top_name(path / name) is not None:
+        return path / name
+    top = _top_name(path)
+    children = sorted(
+        child.name for child in path.iterdir() if child.is_dir() and _top_name(child) is not None
+    )
+    if children and name != top:
+        held = ([f"{top!r} (at the top)"] if top else []) + [
+            f"{child!r} (in {child}/)" for child in children
+        ]
+        raise ValueError(
+            f"{str(path)!r} holds the checkpoints of several delta models, {', '.join(held)}, "
+            f"and none named {name!r}: give one of those names"
+        )
+    return path
+
+
 def prepare_directory(path: str | Path, format: str) -> Path:
     """Create the directory `path` for a checkpoint in `format`, refusing to overwrite a file
     that is not a checkpoint of that format or to leave two formats in one directory."""

@@ -17,6 +17,12 @@ Roles of a delta in its host's forward, in the order they run:
 For a host returning a tuple or a ModelOutput, "output" is its first item. Deltas of one role
 run in the order they were first attached, across delta models, so taking one off and putting it
 back (`detach()`, `attach()`) leaves the computation as it was.
+
+Each delta carries the name of its delta model (`DELTA_MODEL_NAME`), and a delta whose name is
+not active (`set_delta_active`) is skipped. The host's forward reads one tuple,
+`RUNNING_DELTAS`, of the deltas it runs: recomputed when a delta is attached, detached or
+switched, never per call, so an inactive delta costs nothing and a host whose deltas are all
+inactive runs its own forward.
 """
 
 from __future__ import annotations
@@ -37,6 +43,14 @@ _HOST_CLASSES: dict[type, type] = {}
 # Attribute of a delta module: its place in the order deltas were first attached.
 _ORDER = "_fastdelta_attach_order"
 _ATTACH_COUNTER = itertools.count()
+# Attribute, in a host's __dict__: the (delta name, role) of the deltas its forward runs (see the
+# module's docstring), a tuple of strings like ATTACHED_DELTAS, so copies carry it.
+RUNNING_DELTAS = "_fastdelta_running"
+# Attributes of a delta module: the name of the delta model that attached it (absent: "default"),
+# and True while that name is not active.
+DELTA_MODEL_NAME = "_fastdelta_name"
+INACTIVE = "_fastdelta_inactive"
+DEFAULT_NAME = "default"
 
 
 def attach_delta(
@@ -88,6 +102,7 @@ def attach_delta(
         (delta_name, role),
         *entries[position:],
     )
+    refresh_running_deltas(host)
     if role is not None and not hasattr(type(host), _ORIGINAL_CLASS):
         host.__class__ = host_class_for(type(host))
 
@@ -111,9 +126,61 @@ def detach_delta(host: nn.Module, delta_name: str) -> nn.Module:
         host.__dict__[ATTACHED_DELTAS] = remaining
     else:
         del host.__dict__[ATTACHED_DELTAS]
+    refresh_running_deltas(host)
     if not any(role is not None for _, role in remaining) and hasattr(type(host), _ORIGINAL_CLASS):
         host.__class__ = getattr(type(host), _ORIGINAL_CLASS)
     return delta
+
+
+def delta_model_name(delta: nn.Module) -> str:
+    """The name of the delta model that attached `delta`."""
+    return delta.__dict__.get(DELTA_MODEL_NAME, DEFAULT_NAME)
+
+
+def is_active(delta: nn.Module) -> bool:
+    """Whether `delta` runs when attached: its delta model's name is active."""
+    return not delta.__dict__.get(INACTIVE, False)
+
+
+def set_delta_active(host: nn.Module, delta_names, active: bool) -> None:
+    """Make the deltas `delta_names` (attached to `host`) run, or be skipped, in its forward."""
+    for delta_name in delta_names:
+        delta = host._modules[delta_name]
+        if active:
+            delta.__dict__.pop(INACTIVE, None)
+        else:
+            delta.__dict__[INACTIVE] = True
+    refresh_running_deltas(host)
+
+
+def refresh_running_deltas(host: nn.Module) -> tuple[tuple[str, str], ...]:
+    """Compute and store the (delta name, role) of the deltas `host`'s forward runs: the active
+    ones that take part in the forward, in order. When no active delta replaces the host's
+    forward, an active stacked LoRA (a "parallel" delta that can compute its host) takes that
+    place, so a LoRA runs as the fused op whichever of a layer's named LoRAs is active. Only
+    parallel deltas, which add to the output and so commute, may run before it: the result is
+    the same sum."""
+    entries = tuple(
+        (name, role)
+        for name, role in attached_deltas(host)
+        if role is not None and is_active(host._modules[name])
+    )
+    if not any(role == "replace" for _, role in entries):
+        promoted = None
+        for index, (name, role) in enumerate(entries):
+            if role == "after":
+                break  # a function of the output: the LoRA's update must come after it
+            if role == "parallel" and _computes_its_host(host._modules[name]):
+                promoted = index
+                break
+        if promoted is not None:
+            name = entries[promoted][0]
+            entries = ((name, "replace"), *entries[:promoted], *entries[promoted + 1 :])
+    if ATTACHED_DELTAS in host.__dict__:
+        host.__dict__[RUNNING_DELTAS] = entries
+    else:
+        host.__dict__.pop(RUNNING_DELTAS, None)
+    return entries
 
 
 def host_class_for(original: type) -> type:
@@ -165,7 +232,9 @@ def first_input_name(forward) -> str | None:
 
 
 def _forward_with_deltas(host: nn.Module, original_forward, input_name, args, kwargs):
-    entries = host.__dict__.get(ATTACHED_DELTAS, ())
+    entries = host.__dict__.get(RUNNING_DELTAS)
+    if entries is None:  # a host pickled by a fastdelta that did not store it
+        entries = refresh_running_deltas(host)
     if len(entries) == 1:
         # The common case, one delta (LoRA on a linear layer, an adapter after one), without
         # the general case's bookkeeping: a few microseconds a call.
@@ -175,7 +244,9 @@ def _forward_with_deltas(host: nn.Module, original_forward, input_name, args, kw
             return _map_main_output(host, original_forward(host, *args, **kwargs), delta)
         if role == "replace" and len(args) == 1 and not kwargs and _computes_its_host(delta):
             return delta.replace_forward(host, args[0])
-    deltas = [(host._modules[name], role) for name, role in attached_deltas(host) if role]
+    if not entries:  # every delta of the host is inactive
+        return original_forward(host, *args, **kwargs)
+    deltas = [(host._modules[name], role) for name, role in entries]
     needs_input = any(role != "after" for _, role in deltas)
     if needs_input:
         hidden, args, kwargs = _apply_before_deltas(host, input_name, deltas, args, kwargs)

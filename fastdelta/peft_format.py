@@ -403,6 +403,32 @@ def peft_config(
     }
 
 
+def unpadded_arguments(arguments: dict[str, Any], scalings: dict[str, float]) -> dict[str, Any]:
+    """The LoraConfig `arguments` of deltas padded to rank max_rank (`scalings`: {module name:
+    its delta's scaling}) as PEFT, which has no padding, describes them: rank max_rank
+    everywhere, each module's alpha the one that gives it its scaling (the zeros it loads change
+    nothing). Arguments without max_rank are returned as they are."""
+    max_rank = arguments.get("max_rank")
+    if max_rank is None:
+        return arguments
+    rank, alpha = arguments["lora_r"], arguments["lora_alpha"]
+    factor = math.sqrt(max_rank) if arguments["use_rslora"] else max_rank
+    default = alpha / math.sqrt(rank) if arguments["use_rslora"] else alpha / rank
+    alphas = {
+        f"^{re.escape(name)}": scaling * factor
+        for name, scaling in scalings.items()
+        if scaling != default
+    }
+    return {
+        **arguments,
+        "lora_r": max_rank,
+        "lora_alpha": default * factor,
+        "rank_pattern": None,
+        "alpha_pattern": alphas or None,
+        "max_rank": None,
+    }
+
+
 def peft_key(name: str) -> str:
     """PEFT's key of a fastdelta parameter name (`<module>.lora.lora_A` -> `...lora_A.weight`)."""
     for peft_suffix, suffix in LORA_KEYS.items():

@@ -6,6 +6,9 @@ reads `name(ClassName)` followed by the module's own parameters and their shapes
 states included, share one node (`0-11(BertLayer)`), so a layer that carries a delta or was
 unfrozen differently gets a node of its own.
 
+Where a backbone carries named delta models (or some are switched off), each delta node also
+shows its delta model's name and whether it runs: `lora_1(LoraDelta)[sql, inactive]`.
+
 Parameter states are colours on a terminal. Where there is no colour (a log file, a pipe,
 NO_COLOR) each parameter that is not frozen carries its state as a tag instead
 (`weight:[2, 36](trainable)`, `lora_A:[8, 36](delta)`), and `output_console()` gives stdout a
@@ -22,6 +25,7 @@ from rich.text import Text
 from rich.tree import Tree
 from torch import nn
 
+from fastdelta.injection import DEFAULT_NAME, delta_model_name, is_active
 from fastdelta.layers.base import attached_deltas, delta_parameter_names
 from fastdelta.structures import common_structure_names
 
@@ -75,6 +79,8 @@ class _Node:
     # Equal for siblings with identical subtrees (names, classes, shapes, states); computed once
     # bottom-up, so folding compares one int instead of walking two subtrees.
     signature: int = 0
+    # A delta's delta model name and state ("x", "x, inactive"), shown where names matter.
+    delta_label: str = ""
 
 
 class StructureTree(Tree):
@@ -147,6 +153,7 @@ class Visualization:
             common_names=common_names,
             keep_non_params=keep_non_params,
             only_common=only_common,
+            show_names=_has_named_deltas(self.model),
         )
         root = describer.describe(self.model, "", rootname, ancestor_common=(), is_delta=False)
         tree = StructureTree(_node_label(rootname, root, expand_params))
@@ -156,6 +163,16 @@ class Visualization:
         if printTree:
             output_console().print(tree)
         return tree
+
+
+def _has_named_deltas(model: nn.Module) -> bool:
+    """Whether a delta of `model` has a name other than "default" or is inactive: then each
+    delta shows its delta model's name and state (`lora(LoraDelta)[sql, inactive]`)."""
+    return any(
+        delta_model_name(host._modules[name]) != DEFAULT_NAME or not is_active(host._modules[name])
+        for host in model.modules()
+        for name, _ in attached_deltas(host)
+    )
 
 
 def mapping_names(model: nn.Module, mapping: dict) -> dict[str, tuple[str, ...]]:
@@ -225,7 +242,9 @@ class _Describer:
         common_names: dict[str, tuple[str, ...]],
         keep_non_params: bool,
         only_common: bool,
+        show_names: bool = False,
     ):
+        self.show_names = show_names  # the backbone has named or inactive deltas
         self.delta_names = delta_names
         self.common_names = common_names
         self.keep_non_params = keep_non_params
@@ -260,6 +279,9 @@ class _Describer:
             for child_name, child in module.named_children()
         ]
         node = _Node(label, type(module), is_delta, parameters)
+        if is_delta and self.show_names:
+            state = "" if is_active(module) else ", inactive"
+            node.delta_label = delta_model_name(module) + state
         node.children = [child for child in children if child.visible]
         node.has_parameters = bool(parameters) or any(child.has_parameters for child in children)
         # A delta is always shown, even one without parameters of its own (BitFit's marker).
@@ -270,6 +292,7 @@ class _Describer:
         key = (
             node.module_class,
             is_delta,
+            node.delta_label,
             parameters,
             tuple((child.label, child.signature) for child in node.children),
         )
@@ -326,6 +349,8 @@ def _node_label(name: str, node: _Node, expand_params: bool, tags: bool = False)
     own; a delta module's name is styled like a delta parameter."""
     name_style = DELTA_MODULE_STYLE if node.is_delta else ""
     label = Text.assemble((name, name_style), (f"({node.module_class.__name__})", CLASS_STYLE))
+    if node.delta_label:
+        label.append(f"[{node.delta_label}]", style="dim" if "inactive" in node.delta_label else "")
     if not expand_params:
         for parameter in node.parameters:
             label.append(" ")

@@ -28,6 +28,7 @@ from fastdelta import (
     peft_format,
 )
 from fastdelta.checkpoint_io import CONFIG_NAME
+from fastdelta.delta_models.checkpoint import ADDED_WITH_OLD_DEFAULTS
 from fastdelta.delta_models.config import config_class_for
 from fastdelta.layers.base import delta_parameter_names
 from fastdelta.saving import REQUIRED_METADATA, WEIGHTS_NAME
@@ -92,6 +93,7 @@ ARGUMENT_FIELDS = [
     (delta_type, field.name)
     for delta_type in DELTA_TYPES
     for field in dataclasses.fields(config_class_for(delta_type))
+    if field.name not in ADDED_WITH_OLD_DEFAULTS  # older checkpoints lack them: defaults load
 ]
 
 

@@ -32,6 +32,7 @@ class AdapterModel(DeltaBase):
         backend: str = "hf",
         *,
         delta_dtype: torch.dtype | str | None = None,
+        name: str = "default",
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 
@@ -74,6 +75,7 @@ class ParallelAdapterModel(DeltaBase):
         backend: str = "hf",
         *,
         delta_dtype: torch.dtype | str | None = None,
+        name: str = "default",
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 

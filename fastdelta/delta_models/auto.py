@@ -13,7 +13,7 @@ from fastdelta.delta_models.bitfit import BitFitModel
 from fastdelta.delta_models.checkpoint import (
     build_from_checkpoint,
     check_load_options,
-    read_checkpoint,
+    read_named_checkpoint,
 )
 from fastdelta.delta_models.compacter import CompacterModel
 from fastdelta.delta_models.config import BaseDeltaConfig, config_class_for, require_dict
@@ -95,6 +95,7 @@ class AutoDeltaModel:
         delta_config=None,
         *,
         allow_non_finite: bool = False,
+        name: str | None = None,
         **options,
     ) -> DeltaBase:
         """Rebuild the deltas saved at `finetuned_delta_path` on `backbone_model` (a fresh copy
@@ -104,10 +105,16 @@ class AutoDeltaModel:
         directory (adapter_config.json) loads too. Tensors holding NaN or Inf are refused unless
         `allow_non_finite`.
 
+        `name` names the delta model (by default the name it was saved under; "default" for
+        PEFT adapters), so that it loads beside other named delta models (`fastdelta.set_active`
+        chooses which run). Where the directory holds checkpoints in subdirectories, as PEFT's
+        `save_pretrained` writes every adapter but "default" to `<dir>/<adapter_name>/`, `name`
+        picks `<dir>/<name>/`.
+
         OpenDelta's arguments are taken: `delta_config` (must be the saved config),
         `cache_dir`, `force_download`, `local_files_only`, `check_hash` (nothing to download:
         the path is a local directory, and the backbone is always checked)."""
-        checkpoint = read_checkpoint(finetuned_delta_path, backbone_model)
+        checkpoint = read_named_checkpoint(finetuned_delta_path, backbone_model, name)
         check_load_options(checkpoint, {"delta_config": delta_config, **options})
         return build_from_checkpoint(
             delta_model_class(checkpoint.delta_type),

@@ -16,8 +16,16 @@ from torch import nn
 from fastdelta.addressing import ModuleAddresses, check_entries, name_matches
 from fastdelta.delta_models import checkpoint
 from fastdelta.delta_models.config import BaseDeltaConfig
+from fastdelta.delta_models.names import (
+    activate,
+    active_deltas,
+    delta_names,
+    name_is_active,
+    set_active,
+    tag_delta,
+)
 from fastdelta.delta_models.targets import check_target_runs
-from fastdelta.injection import attach_delta, detach_delta
+from fastdelta.injection import attach_delta, detach_delta, is_active
 from fastdelta.layers.base import DeltaLayer, attached_deltas, delta_parameter_names
 from fastdelta.pseudo_input import Sizes, module_sizes
 from fastdelta.structures import common_structure_names
@@ -79,10 +87,15 @@ class DeltaBase:
     creates, such as torch.float32 deltas on a bfloat16 backbone (they compute in the
     activations' dtype and keep their weights and gradients in theirs); None, the default,
     follows the backbone. Existing biases that BitFit trains in place keep their layer's dtype.
+    Every delta model also takes `name` (keyword-only, "default" unless given): delta models of
+    different names sit on one backbone, and `fastdelta.set_active` chooses which of them run.
     """
 
     config_class: type[BaseDeltaConfig] = BaseDeltaConfig
     default_modified_modules: tuple[str, ...] = ()
+    # Whether `set_active` may switch this delta model off by its name (its deltas run in their
+    # hosts' forward, and are skipped there).
+    switchable: bool = True
 
     def __init__(self, backbone_model: nn.Module, config: BaseDeltaConfig):
         if not isinstance(backbone_model, nn.Module):
@@ -105,6 +118,7 @@ class DeltaBase:
             # Never leave a backbone half-modified: take off what was attached, then re-raise.
             self._remove_attachments()
             raise
+        activate(backbone_model, self.name)  # a new delta model runs (fastdelta.set_active)
 
     def _remove_attachments(self) -> None:
         """Take every delta off the backbone as if none had been attached (construction or
@@ -136,12 +150,13 @@ class DeltaBase:
         delta_config=None,
         *,
         allow_non_finite: bool = False,
+        name: str | None = None,
         **options,
     ):
         """Rebuild the deltas saved by `save_finetuned` at `finetuned_delta_path` on
         `backbone_model` and load their tensors (see `AutoDeltaModel.from_finetuned`, which
-        takes OpenDelta's other arguments too)."""
-        saved = checkpoint.read_checkpoint(finetuned_delta_path, backbone_model)
+        takes OpenDelta's other arguments too, and `name`)."""
+        saved = checkpoint.read_named_checkpoint(finetuned_delta_path, backbone_model, name)
         if saved.delta_type != cls.config_class.delta_type:
             raise ValueError(
                 f"{str(finetuned_delta_path)!r} holds delta_type {saved.delta_type!r}, which "
@@ -168,6 +183,32 @@ class DeltaBase:
     def delta_type(self) -> str:
         return self.config.delta_type
 
+    @property
+    def name(self) -> str:
+        """This delta model's name (its config's `name`, "default" unless given)."""
+        return self.config.name
+
+    @property
+    def active(self) -> bool:
+        """Whether this delta model's name is in its backbone's active set (its attached deltas
+        run; see `fastdelta.set_active`)."""
+        return name_is_active(self.backbone_model, self.name)
+
+    def _check_active(self, action: str) -> None:
+        """Refuse `action` (folding the deltas into the backbone) while this delta model's name
+        is not active: the backbone would start computing deltas that are switched off."""
+        if not self.active:
+            raise RuntimeError(
+                f"{action}() would fold the deltas of {self.name!r} into the backbone, but that "
+                f"name is not active (fastdelta.set_active): activate it first, e.g. "
+                f"delta_model.set_active()"
+            )
+
+    def set_active(self, names=None) -> None:
+        """`fastdelta.set_active(backbone, names)` on this delta model's backbone; by default
+        (`names` None) this delta model's name alone runs. `[]` runs none."""
+        set_active(self.backbone_model, self.name if names is None else names)
+
     def __call__(self, *args, **kwargs):
         raise TypeError(
             f"A {type(self).__name__} is not called itself: call the backbone model "
@@ -177,7 +218,8 @@ class DeltaBase:
     def __repr__(self) -> str:
         active = sum(attachment.attached for attachment in self.attachments)
         return (
-            f"{type(self).__name__}(backbone={type(self.backbone_model).__name__}, "
+            f"{type(self).__name__}(name={self.name!r}, "
+            f"backbone={type(self.backbone_model).__name__}, "
             f"deltas={active}/{len(self.attachments)} attached, config={self.config})"
         )
 
@@ -391,6 +433,8 @@ class DeltaBase:
         # model must not run LoRA dropout).
         delta_module.train(host.training)
         check_target_runs(self.backbone_model, host_name, role)
+        active = name_is_active(self.backbone_model, self.name)
+        tag_delta(delta_module, self.name, active, self.switchable)
         # The backbone itself has the empty name: error messages name it in words.
         attach_delta(host, delta_module, delta_name, role, host_name or "the backbone itself")
         self.attachments.append(
@@ -444,8 +488,10 @@ class DeltaBase:
         """Attach `selected` again, all or (taking back those put back) none."""
         attached = []
         try:
+            active = name_is_active(self.backbone_model, self.name)
             for attachment in selected:
                 host = self.backbone_model.get_submodule(attachment.host_name)
+                tag_delta(attachment.delta, self.name, active, self.switchable)
                 attach_delta(
                     host,
                     attachment.delta,
@@ -699,6 +745,14 @@ class DeltaBase:
                     f"{every:,} ({100 * every / total:.4f}%), other delta models' included",
                 )
         table.add_row("total parameters", f"{total:,}")
+        table.add_row("name", f"{self.name} ({'active' if self.active else 'inactive'})")
+        names = delta_names(self.backbone_model)
+        if names != [self.name]:
+            running = active_deltas(self.backbone_model)
+            table.add_row(
+                "delta models on the backbone",
+                ", ".join(f"{name}{'' if name in running else ' (inactive)'}" for name in names),
+            )
         for label, text in self._head_rows(module):
             table.add_row(label, text)
         table.add_row(
@@ -947,6 +1001,8 @@ class _PreForward:
         self.delta_name = delta_name
 
     def __call__(self, host: nn.Module, args: tuple, kwargs: dict):
+        if not is_active(host._modules[self.delta_name]):
+            return None  # its delta model's name is not active: the arguments as they are
         result = host._modules[self.delta_name].pre_forward(*args, **kwargs)
         if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
             raise TypeError(
@@ -964,4 +1020,6 @@ class _PostForward:
         self.delta_name = delta_name
 
     def __call__(self, host: nn.Module, args: tuple, output):
+        if not is_active(host._modules[self.delta_name]):
+            return None
         return host._modules[self.delta_name].post_forward(output)

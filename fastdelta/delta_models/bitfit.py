@@ -22,6 +22,8 @@ class BitFitModel(DeltaBase):
     """
 
     config_class = BitFitConfig
+    # Not switched off by name: it trains the layers' own biases in place.
+    switchable = False
     # ff@.w1@ .w2@ .w3@ reach the feed-forward layers of models with no ff@ block (BART, OPT).
     default_modified_modules = (
         "attn@",
@@ -44,6 +46,7 @@ class BitFitModel(DeltaBase):
         backend: str = "hf",
         *,
         delta_dtype: torch.dtype | str | None = None,
+        name: str = "default",
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 

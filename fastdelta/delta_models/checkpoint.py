@@ -29,8 +29,10 @@ from fastdelta.checkpoint_io import (
     checkpoint_format,
     directory_path,
     load_tensors,
+    named_directory,
 )
 from fastdelta.delta_models.config import config_class_for
+from fastdelta.delta_models.names import check_name
 from fastdelta.layers.base import delta_parameter_names
 from fastdelta.layers.lora import LoraDelta, LoraEmbeddingDelta
 from fastdelta.opendelta_checkpoint import (
@@ -49,6 +51,7 @@ from fastdelta.peft_format import (
     peft_task_type,
     read_peft_config,
     read_peft_tensors,
+    unpadded_arguments,
     write_peft,
 )
 from fastdelta.pseudo_input import is_conv1d
@@ -160,6 +163,8 @@ def save_finetuned(delta_model, path: str | Path, format: str) -> Path:
     }
     owned, arguments = as_plain_lora(delta_model, owned)
     if format == "peft":
+        scalings = {a.host_name: getattr(a.delta, "scaling", 0) for a in delta_model.attachments}
+        arguments = unpadded_arguments(arguments, scalings)  # a max_rank model's padding
         return _save_peft(delta_model, path, owned, head, arguments)
     renamed = saved_names(delta_model)
     tensors = {renamed.get(name, name): tensor for name, tensor in {**owned, **head}.items()}
@@ -313,12 +318,20 @@ def read_arguments(path: str | Path) -> dict[str, Any]:
     return arguments
 
 
+# Arguments added after checkpoints were written without them, whose defaults are what those
+# checkpoints computed: DoRA's dropout form and exact norm (before them, DoRA had PEFT's form and
+# a constant norm); a delta model's name ("default") and LoRA's max_rank (None: unpadded).
+ADDED_WITH_OLD_DEFAULTS = ("dora_dropout", "dora_exact_norm", "name", "max_rank")
+
+
 def _check_complete(arguments: dict[str, Any], source: Path) -> None:
     """Every argument the deltas depend on must be in config.json: a default in place of a lost
-    value would load other deltas than the ones saved."""
+    value would load other deltas than the ones saved (ADDED_WITH_OLD_DEFAULTS excepted)."""
     config_class = config_class_for(arguments["delta_type"])
     missing = sorted(
-        field.name for field in dataclasses.fields(config_class) if field.name not in arguments
+        field.name
+        for field in dataclasses.fields(config_class)
+        if field.name not in arguments and field.name not in ADDED_WITH_OLD_DEFAULTS
     )
     if missing:
         raise ValueError(
@@ -356,6 +369,18 @@ def read_checkpoint(path: str | Path, backbone: nn.Module) -> Checkpoint:
         metadata.get("head_tensors"),
         metadata["frozen_tensors"],
     )
+
+
+def read_named_checkpoint(path: str | Path, backbone: nn.Module, name: str | None) -> Checkpoint:
+    """`read_checkpoint` of the checkpoint of the delta model `name` in the directory `path`
+    (its subdirectory `name` where it has one: `named_directory`), loaded under that name. With
+    `name` None, `path` itself under the name saved there ("default" for PEFT and OpenDelta)."""
+    if name is None:
+        return read_checkpoint(path, backbone)
+    check_name(name)
+    saved = read_checkpoint(named_directory(path, name), backbone)
+    saved.arguments = {**saved.arguments, "name": name}
+    return saved
 
 
 def _read_opendelta(source: Path, backbone: nn.Module) -> Checkpoint:

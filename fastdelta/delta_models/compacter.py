@@ -140,6 +140,7 @@ class CompacterModel(DeltaBase):
         use_bias_down_sampler: bool = True,
         *,
         delta_dtype: torch.dtype | str | None = None,
+        name: str = "default",
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 

@@ -18,6 +18,9 @@ from typing import Any, ClassVar
 import torch
 
 from fastdelta.addressing import check_entries, pattern_matches
+from fastdelta.checkpoint_io import named_directory
+from fastdelta.delta_models.names import DEFAULT_NAME, check_name
+from fastdelta.layers.lora import DORA_DROPOUT_FORMS
 from fastdelta.ops.activations import canonical_activation
 from fastdelta.peft_format import as_entries, base_changing_init
 
@@ -58,8 +61,11 @@ class BaseDeltaConfig:
     # fastdelta's own: the dtype of the delta parameters ("float32", ...); None follows the
     # backbone's. Stored by name so that the config stays JSON.
     delta_dtype: str | None = None
+    # fastdelta's own: the delta model's name, which fastdelta.set_active chooses by.
+    name: str = DEFAULT_NAME
 
     def __post_init__(self):
+        check_name(self.name)
         for argument in ("modified_modules", "exclude_modules", "unfrozen_modules"):
             entries = getattr(self, argument)
             if entries is not None:
@@ -138,6 +144,7 @@ class BaseDeltaConfig:
 
         for option in DOWNLOAD_OPTIONS:
             kwargs.pop(option, None)
+        finetuned_delta_path = named_directory(finetuned_delta_path, kwargs.get("name"))
         arguments = read_arguments(finetuned_delta_path)
         if arguments["delta_type"] != cls.delta_type and cls is not BaseDeltaConfig:
             raise ValueError(
@@ -292,6 +299,16 @@ class LoraConfig(BaseDeltaConfig):
     init_lora_weights: bool | str = True
     # DoRA (PEFT's name): a trained magnitude per output feature scales the output row-wise.
     use_dora: bool = False
+    # fastdelta's: how DoRA applies lora_dropout. "peft", PEFT's form (its results exactly; the
+    # base product takes the dropped input too, a second base GEMM); "low_rank", the DoRA
+    # paper's (dropout on the low-rank path only: one fused op, one base GEMM).
+    dora_dropout: str = "peft"
+    # fastdelta's: the norm's gradient reaches A and B (and a trainable W); by default the
+    # norm is a constant of the backward, as in the DoRA paper (section 4.3) and PEFT.
+    dora_exact_norm: bool = False
+    # fastdelta's: pad every delta's A and B with zeros to this rank, so that checkpoints of any
+    # rank up to it can be hot-swapped in (LoraModel.hot_swap); None: A and B have their rank.
+    max_rank: int | None = None
     # PEFT's names, translated by __post_init__ (not fields: a config holds fastdelta's names).
     r: InitVar[int | None] = None
     target_modules: InitVar[list[str] | str | None] = None
@@ -325,6 +342,8 @@ class LoraConfig(BaseDeltaConfig):
                 "a PiSSA / OLoRA checkpoint is saved as the plain LoRA it amounts to, which a "
                 "DoRA magnitude does not fit; choose one of the two"
             )
+        _check_dora_options(self.use_dora, self.dora_dropout, self.dora_exact_norm)
+        _check_max_rank(self)
         _require_finite(self.lora_dropout, "lora_dropout")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -372,6 +391,53 @@ class LoraConfig(BaseDeltaConfig):
                 f"({peft_name}={value!r}, {name}={current!r}): give {name} only"
             )
         setattr(self, name, value)
+
+
+def _check_dora_options(use_dora, dora_dropout, dora_exact_norm) -> None:
+    if dora_dropout not in DORA_DROPOUT_FORMS:
+        raise ValueError(
+            f"dora_dropout must be 'peft' (PEFT's DoRA dropout: its results, two base GEMMs) or "
+            f"'low_rank' (the DoRA paper's: dropout on the low-rank path, one fused op), got "
+            f"{dora_dropout!r}"
+        )
+    _require_bool(dora_exact_norm, "dora_exact_norm")
+    given = [
+        name
+        for name, value, default in (
+            ("dora_dropout", dora_dropout, "peft"),
+            ("dora_exact_norm", dora_exact_norm, False),
+        )
+        if value != default
+    ]
+    if given and not use_dora:
+        raise ValueError(
+            f"{' and '.join(given)} configure DoRA deltas, and use_dora is False: pass "
+            "use_dora=True too, or leave them out"
+        )
+
+
+def _check_max_rank(config: LoraConfig) -> None:
+    """max_rank pads plain LoRA deltas for hot-swapping: at least every rank, and not with DoRA
+    or an initialisation that changes the base weight (which a swapped-in adapter does not fit)."""
+    if config.max_rank is None:
+        return
+    _require_positive_int(config.max_rank, "max_rank")
+    ranks = {"lora_r": config.lora_r}
+    patterns = config.rank_pattern or {}
+    ranks.update((f"rank_pattern[{pattern!r}]", rank) for pattern, rank in patterns.items())
+    larger = [f"{argument}={rank}" for argument, rank in ranks.items() if rank > config.max_rank]
+    if larger:
+        raise ValueError(
+            f"max_rank={config.max_rank} is the rank A and B are padded to, and "
+            f"{', '.join(larger)} exceeds it: give a max_rank at least as large as every rank"
+        )
+    if config.use_dora or base_changing_init(config.init_lora_weights):
+        what = "use_dora" if config.use_dora else f"init_lora_weights={config.init_lora_weights!r}"
+        raise ValueError(
+            f"max_rank pads LoRA deltas so that other checkpoints can be hot-swapped in, and "
+            f"{what} makes deltas that a swapped-in adapter does not fit (a magnitude per "
+            "output, or a base weight changed by the initialisation): leave max_rank out"
+        )
 
 
 @dataclass

@@ -10,6 +10,7 @@ from torch import nn
 from fastdelta.addressing import pattern_matches
 from fastdelta.delta_models.base import DeltaBase, config_arguments
 from fastdelta.delta_models.config import LoraConfig, pattern_value
+from fastdelta.delta_models.hot_swap import hot_swap, pad_rank
 from fastdelta.delta_models.targets import check_forward_replaceable, check_mergeable
 from fastdelta.injection import detach_delta
 from fastdelta.layers.base import attached_deltas
@@ -24,10 +25,14 @@ class LoraModel(DeltaBase):
 
     Targets are `nn.Linear` or transformers' `Conv1D` (GPT-2's `c_attn` holds q, k and v in one
     layer, so its default targets `attn@.q@`, `attn@.v@` select it once).
-    `use_rslora=True` scales by lora_alpha / sqrt(lora_r) instead. `rank_pattern` and
-    `alpha_pattern` ({regex: value}, PEFT's rule) give matching modules their own rank or alpha.
+    `use_rslora=True` scales by lora_alpha / sqrt(lora_r) instead. `use_dora=True` makes the
+    deltas DoRA's (a magnitude per output feature scales the output): `dora_dropout` chooses
+    how it applies lora_dropout ("peft", PEFT's form and results; "low_rank", the DoRA paper's,
+    one fused op) and `dora_exact_norm=True` lets the norm's gradient reach A and B.
+    `rank_pattern` and `alpha_pattern` ({regex: value}, PEFT's rule) give matching modules
+    their own rank or alpha.
     PEFT's argument names `r`, `target_modules` and `modules_to_save` are taken too (see
-    `LoraConfig`).
+    `LoraConfig`). `max_rank` pads A and B with zeros to that rank, for `hot_swap`.
     """
 
     config_class = LoraConfig
@@ -51,12 +56,26 @@ class LoraModel(DeltaBase):
         alpha_pattern: dict[str, float] | None = None,
         init_lora_weights: bool | str = True,
         use_dora: bool = False,
+        dora_dropout: str = "peft",
+        dora_exact_norm: bool = False,
         delta_dtype: torch.dtype | str | None = None,
+        name: str = "default",
+        max_rank: int | None = None,
         r: int | None = None,
         target_modules: list[str] | str | None = None,
         modules_to_save: list[str] | None = None,
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
+
+    def hot_swap(self, checkpoint, name: str | None = None) -> None:
+        """Replace the deltas' weights by those of `checkpoint` in place: a LoRA checkpoint
+        directory (fastdelta or PEFT; `name` picks `<dir>/<name>/` as in from_finetuned) on the
+        same modules, of any rank up to this model's (build it with `max_rank` to swap in larger
+        ones), or a state dict keyed as `state_dict()`, at this model's scaling. Nothing is
+        re-attached and no attribute changes, so a torch.compile'd model does not recompile:
+        the checkpoint's lora_alpha / r is folded into B (see fastdelta.delta_models.hot_swap),
+        and the layers keep this model's scaling and dropout. Everything is checked first."""
+        hot_swap(self, checkpoint, name)
 
     def merge(self, module: nn.Module | None = None) -> None:
         """Fold each LoRA delta (inside `module`, default all) into its layer's weight, for
@@ -64,6 +83,7 @@ class LoraModel(DeltaBase):
         back out, and so does `detach()`. Training while merged raises an error. A weight tied
         to another module's (an LM head tied to the embeddings) is refused before any merge."""
         selected = self._in_scope(module, attached=True, action="merge")
+        self._check_active("merge")
         check_mergeable(self.backbone_model, [a.host_name for a in selected])
         for attachment in selected:
             attachment.delta.merge(self.backbone_model.get_submodule(attachment.host_name))
@@ -77,6 +97,7 @@ class LoraModel(DeltaBase):
         """Fold every attached LoRA delta into its layer's weight and take fastdelta off the
         backbone, which is returned as the plain model (no fastdelta module or hook left), for
         export and serving. This delta model is empty afterwards."""
+        self._check_active("merge_and_unload")
         check_mergeable(self.backbone_model, [a.host_name for a in self.attachments if a.attached])
         for attachment in self.attachments:
             if attachment.attached:
@@ -126,7 +147,8 @@ class LoraModel(DeltaBase):
         dora = []  # DoRA deltas: their magnitudes start from the weights as the model sees them
         for name, module in modules.items():
             if isinstance(module, nn.Embedding):
-                self.replace_module(name, self._embedding_delta(name, module, ranks[name]))
+                delta = pad_rank(self._embedding_delta(name, module, ranks[name]), config.max_rank)
+                self.replace_module(name, delta)
                 continue
             in_features, out_features = linear_sizes(module)
             delta = LoraDelta(
@@ -140,6 +162,7 @@ class LoraModel(DeltaBase):
                 init=config.init_lora_weights,
                 **self.factory_kwargs(module),
             )
+            pad_rank(delta, config.max_rank)
             if base_changing_init(config.init_lora_weights):
                 delta.initialise_from_weight(module.weight, config.init_lora_weights)
                 from_weight.append((module, delta))
@@ -161,7 +184,7 @@ class LoraModel(DeltaBase):
         for module, delta in from_weight:
             delta.subtract_initial(module)
         for module, delta in dora:
-            delta.initialise_magnitude(module.weight)
+            delta.initialise_magnitude(module.weight, config.dora_dropout, config.dora_exact_norm)
 
     def _embedding_delta(self, name: str, module: nn.Embedding, rank: int) -> LoraEmbeddingDelta:
         config = self.config

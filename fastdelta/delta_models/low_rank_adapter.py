@@ -73,6 +73,7 @@ class LowRankAdapterModel(DeltaBase):
         backend: str = "hf",
         *,
         delta_dtype: torch.dtype | str | None = None,
+        name: str = "default",
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 

@@ -78,6 +78,8 @@ class PrefixModel(DeltaBase):
     """
 
     config_class = PrefixConfig
+    # Not switched off by name: the attention reads the prefixes, outside the forward's deltas.
+    switchable = False
     default_modified_modules = ("attn@",)
 
     def __init__(
@@ -95,6 +97,7 @@ class PrefixModel(DeltaBase):
         backend: str = "hf",
         *,
         delta_dtype: torch.dtype | str | None = None,
+        name: str = "default",
     ):
         # (attention module name, its prefix delta), in the order of the model's modules.
         self.prefixes: list[tuple[str, PrefixDelta]] = []

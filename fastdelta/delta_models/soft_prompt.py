@@ -129,6 +129,8 @@ class SoftPromptModel(DeltaBase):
     """
 
     config_class = SoftPromptConfig
+    # Not switched off by name: the prompt extends the inputs, masks and labels together.
+    switchable = False
 
     def __init__(
         self,
@@ -145,6 +147,7 @@ class SoftPromptModel(DeltaBase):
         backend: str = "hf",
         *,
         delta_dtype: torch.dtype | str | None = None,
+        name: str = "default",
     ):
         super().__init__(backbone_model, self.config_class(**config_arguments(locals())))
 
