@@ -7,6 +7,7 @@ minutes on a 2-core CPU) and `smoke` (minuscule shapes that only prove the suite
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -189,13 +190,17 @@ class MultiLoraCase:
         return f"M{self.M}-K{self.K}-N{self.N}-r{self.r}-n{self.adapters}-p{self.dropout:g}"
 
 
+# The GPU target's case: 16 adapters in one batch, at the LoRA target's shape.
+GPU_MULTI_LORA_TARGET = MultiLoraCase(M=8192, K=4096, N=4096, r=16, adapters=16, dropout=0.1)
+
+
 def multi_lora_cases(grid: str, device_type: str) -> list[MultiLoraCase]:
     """4 and 16 adapters sharing a batch: at a CPU-sized shape (quick), and at the GPU target's
     shape on CUDA (quick and full)."""
     if grid == "smoke":
         return [MultiLoraCase(M=8, K=40, N=24, r=4, adapters=2, dropout=0.1)]
     quick = [MultiLoraCase(M=1024, K=1024, N=1024, r=16, adapters=n, dropout=0.0) for n in (4, 16)]
-    gpu = [MultiLoraCase(M=8192, K=4096, N=4096, r=16, adapters=n, dropout=0.1) for n in (4, 16)]
+    gpu = [dataclasses.replace(GPU_MULTI_LORA_TARGET, adapters=n) for n in (4, 16)]
     if grid == "quick":
         return quick + (gpu if device_type == "cuda" else [])
     return [*quick, *gpu]

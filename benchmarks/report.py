@@ -23,6 +23,7 @@ from benchmarks.cases import (
     CPU_LORA_TARGET,
     GPU_ADAPTER_TARGET,
     GPU_LORA_TARGET,
+    GPU_MULTI_LORA_TARGET,
     HostCase,
     LoraCase,
 )
@@ -42,6 +43,8 @@ OPS = {
     "adapter_bottleneck": "Adapter bottleneck",
     "dora_linear": "DoRA linear (fastdelta: DoRA; low_rank: DoRA with dora_dropout='low_rank'; "
     "lora: fastdelta's LoRA; peft: PEFT's DoRA)",
+    "multi_lora_linear": "Mixed-batch LoRA (fastdelta-<backend>: the segmented op on all rows; "
+    "sequential: one lora_linear per adapter's rows; single_lora: one LoRA on all rows)",
 }
 # What the host-overhead targets compare each op's fastdelta with, besides the plain layer.
 HOST_BASELINES = {"lora": "peft", "adapter": "reference"}
@@ -100,6 +103,20 @@ TARGETS = (
         quantity="time",
         comparison=">=",
         limit=1.35,
+    ),
+    Target(
+        description=f"GPU mixed batch of 16 LoRAs {GPU_MULTI_LORA_TARGET.id} bf16 fwd+bwd: "
+        "fastdelta / one LoRA on the same tokens",
+        device="cuda",
+        op="multi_lora_linear",
+        case_id=GPU_MULTI_LORA_TARGET.id,
+        dtype="bfloat16",
+        mode="full",
+        numerator=FASTDELTA,
+        denominator="single_lora",
+        quantity="time",
+        comparison="<=",
+        limit=1.3,
     ),
     Target(
         description=f"GPU adapter {GPU_ADAPTER_TARGET.id} bf16 fwd+bwd: eager reference / "

@@ -138,7 +138,7 @@ def test_targets_are_marked_from_the_automatic_backend(run):
     memory = targets["End to end: fastdelta memory / PEFT memory"]
     assert memory["value"] == pytest.approx(0.9) and memory["status"] == "miss"
     gpu = [t for t in targets.values() if t["device"] == "cuda"]
-    assert len(gpu) == 4
+    assert len(gpu) == 5  # LoRA x2, DoRA, mixed-batch LoRA, adapter
     assert all(t["status"] == "not measured" and "cuda run" in t["why"] for t in gpu)
 
 
