@@ -44,6 +44,7 @@ LORA_KEYS = {
     ".lora_embedding_B": ".lora.lora_embedding_B",
     ".lora_magnitude_vector": ".lora.lora_magnitude_vector",
 }
+BASE_LAYER = ".base_layer."  # PEFT's infix of the wrapped layer's own tensors
 # Fields fastdelta reads and implements.
 IMPLEMENTED_FIELDS = (
     "peft_type",
@@ -365,6 +366,11 @@ def read_peft_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         if not key.startswith(PREFIX):
             raise ValueError(f"{weights} holds {key!r}, which is not under {PREFIX!r}")
         name = key[len(PREFIX) :]
+        if BASE_LAYER in name:
+            # A target's own tensor, which PEFT saves with the adapter and loads into the base
+            # layer (a targeted embedding's table, under save_embedding_layers): the host's.
+            module, _, tensor_name = name.rpartition(BASE_LAYER)
+            name = f"{module}.{tensor_name}"
         for peft_suffix, suffix in LORA_KEYS.items():
             if name.endswith(peft_suffix):
                 name = name[: -len(peft_suffix)] + suffix

@@ -355,7 +355,16 @@ def read_checkpoint(path: str | Path, backbone: nn.Module) -> Checkpoint:
             for parameter_name, _ in backbone.get_submodule(name).named_parameters()
         ]
         arguments = lora_arguments(config, targets, backbone)
-        return Checkpoint(source, arguments, read_peft_tensors(source), None, head, [])
+        tensors = read_peft_tensors(source)
+        # A target's own tensors PEFT saved (a targeted embedding's table): PEFT loads them into
+        # the base layer, so they load here too, frozen.
+        base = [
+            f"{name}.{parameter_name}"
+            for name in targets
+            for parameter_name, _ in backbone.get_submodule(name).named_parameters(recurse=False)
+            if f"{name}.{parameter_name}" in tensors
+        ]
+        return Checkpoint(source, arguments, tensors, None, head + base, base)
     if checkpoint_format(source) == "opendelta":
         return _read_opendelta(source, backbone)
     arguments, metadata = split_config(read_config(source))

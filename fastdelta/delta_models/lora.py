@@ -26,7 +26,8 @@ class LoraModel(DeltaBase):
     Targets are `nn.Linear` or transformers' `Conv1D` (GPT-2's `c_attn` holds q, k and v in one
     layer, so its default targets `attn@.q@`, `attn@.v@` select it once).
     `use_rslora=True` scales by lora_alpha / sqrt(lora_r) instead. `use_dora=True` makes the
-    deltas DoRA's (a magnitude per output feature scales the output): `dora_dropout` chooses
+    deltas DoRA's (a magnitude per output feature scales the output; on an embedding, per
+    embedding column, as PEFT's, without dropout): `dora_dropout` chooses
     how it applies lora_dropout ("peft", PEFT's form and results; "low_rank", the DoRA paper's,
     one fused op) and `dora_exact_norm=True` lets the norm's gradient reach A and B.
     `rank_pattern` and `alpha_pattern` ({regex: value}, PEFT's rule) give matching modules
@@ -149,6 +150,9 @@ class LoraModel(DeltaBase):
             if isinstance(module, nn.Embedding):
                 delta = pad_rank(self._embedding_delta(name, module, ranks[name]), config.max_rank)
                 self.replace_module(name, delta)
+                if config.use_dora:
+                    # PEFT applies no dropout to an embedding: dora_dropout has nothing to do.
+                    delta.initialise_magnitude(module.weight, config.dora_exact_norm)
                 continue
             in_features, out_features = linear_sizes(module)
             delta = LoraDelta(
@@ -188,11 +192,6 @@ class LoraModel(DeltaBase):
 
     def _embedding_delta(self, name: str, module: nn.Embedding, rank: int) -> LoraEmbeddingDelta:
         config = self.config
-        if config.use_dora:
-            raise ValueError(
-                f"{name} is an embedding, and fastdelta's DoRA is for linear layers: leave it "
-                "out of modified_modules, or train it without use_dora"
-            )
         if any(role == "replace" for _, role in attached_deltas(module)):
             raise ValueError(
                 f"{name} already has a LoRA delta of another delta model; an embedding takes one"

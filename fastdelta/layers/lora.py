@@ -44,10 +44,42 @@ class _LowRank:
             self.merged = False
 
     def _add_to_weight(self, host: nn.Module, sign: float) -> None:
+        if self.lora_magnitude_vector is not None:
+            self._add_to_weight_dora(host, sign)
+            return
         lora_A, lora_B, transposed = self._low_rank()
         delta = (lora_B.float() @ lora_A.float()) * (sign * self.scaling)
         weight = host.weight
         weight.copy_(weight.float() + (delta.t() if transposed else delta))
+
+    def _add_to_weight_dora(self, host: nn.Module, sign: float) -> None:
+        """DoRA: W' = k (W + s B A) row-wise (rows of B A: output features), k = m / ||W + s B
+        A|| kept while merged to take it back out exactly as it went in."""
+        lora_A, lora_B, transposed = self._low_rank()
+        weight = host.weight
+        base = weight.float()
+        base = base.t() if transposed else base
+        delta = (lora_B.float() @ lora_A.float()) * self.scaling
+        if sign > 0:
+            combined = base + delta
+            factor = self.lora_magnitude_vector.float() / torch.linalg.norm(combined, dim=1)
+            self.dora_factor = factor
+            new = combined * factor[:, None]
+        else:
+            new = base / self.dora_factor[:, None] - delta
+            self.dora_factor = None
+        weight.copy_(new.t() if transposed else new)
+
+    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W + s B A|| of each output feature (row of B A), [out] float32, without forming the
+        sum (`ops.dora_weight_norm`), ||W||^2 kept between calls (`BaseRowNorms`).
+        Differentiable in A and B where grad mode is on (and in W, if it trains)."""
+        lora_A, lora_B, transposed = self._low_rank()
+        if torch.is_grad_enabled() and weight.requires_grad:
+            base_squared = None
+        else:
+            base_squared = self.base_row_norms.get(weight, transposed)
+        return ops.dora_weight_norm(weight, lora_A, lora_B, self.scaling, transposed, base_squared)
 
     def on_detach(self, host: nn.Module) -> None:
         self.unmerge(host)
@@ -136,18 +168,6 @@ class LoraDelta(_LowRank, DeltaLayer):
             norm = self._weight_norm(weight)
         self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype))
 
-    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """||W + s B A|| of each output row, [out] float32, without forming the [out, in] sum
-        (`ops.dora_weight_norm`), ||W||^2 kept between calls (`BaseRowNorms`). Differentiable
-        in A and B where grad mode is on (and in W, if it trains, by its own ||W||^2)."""
-        if torch.is_grad_enabled() and weight.requires_grad:
-            base_squared = None
-        else:
-            base_squared = self.base_row_norms.get(weight, self.fan_in_fan_out)
-        return ops.dora_weight_norm(
-            weight, self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out, base_squared
-        )
-
     def replace_forward(self, host: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The host's output with the delta: x: [..., in_features] -> [..., out_features]."""
         if self.merged:
@@ -193,25 +213,6 @@ class LoraDelta(_LowRank, DeltaLayer):
         update = F.linear(F.linear(dropped, lora_A), lora_B) * self.scaling
         base = F.linear(x, linear_weight, bias)
         return base + (k - 1) * F.linear(dropped, linear_weight) + k * update
-
-    def _add_to_weight(self, host: nn.Module, sign: float) -> None:
-        if self.lora_magnitude_vector is None:
-            super()._add_to_weight(host, sign)
-            return
-        # DoRA: W' = k (W + s B A) row-wise, k kept to take it back out exactly as it went in.
-        weight = host.weight
-        base = weight.float()
-        base = base.t() if self.fan_in_fan_out else base
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-        if sign > 0:
-            combined = base + delta
-            factor = self.lora_magnitude_vector.float() / torch.linalg.norm(combined, dim=1)
-            self.dora_factor = factor
-            new = combined * factor[:, None]
-        else:
-            new = base / self.dora_factor[:, None] - delta
-            self.dora_factor = None
-        weight.copy_(new.t() if self.fan_in_fan_out else new)
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """A stacked LoRA's output: the host's `output` plus scaling * (drop(x) A^T) B^T, the
@@ -306,6 +307,8 @@ class LoraEmbeddingDelta(_LowRank, DeltaLayer):
     fresh delta changes nothing; False, both N(0, 1). PEFT applies no dropout to it, nor does
     this. The lookup and the [..., r] x [r, dim] product are PyTorch's own (an embedding
     layer's update is a gather, not a GEMM to fuse).
+    DoRA (`initialise_magnitude`): lora_magnitude_vector [embedding_dim] scales each column of
+    the looked-up rows, as PEFT's DoraEmbeddingLayer does (see `_dora_scale`).
     """
 
     delta_name = "lora"
@@ -329,13 +332,33 @@ class LoraEmbeddingDelta(_LowRank, DeltaLayer):
         nn.init.normal_(self.lora_embedding_B)
         if init is False:
             nn.init.normal_(self.lora_embedding_A)
+        # DoRA (`use_dora`): the magnitude of each embedding column, set by
+        # `initialise_magnitude`.
+        self.register_parameter("lora_magnitude_vector", None)
+        self.register_buffer("dora_factor", None, persistent=False)  # while merged
+        self.dora_exact_norm = False
+        self.base_row_norms = BaseRowNorms()  # the table's column ||W||^2, kept between forwards
+
+    def initialise_magnitude(self, weight: torch.Tensor, exact_norm: bool = False) -> None:
+        """Make this a DoRA delta, as PEFT's DoraEmbeddingLayer: a magnitude per embedding
+        column (output feature), started at the norms of the columns of the host's `weight` +
+        scaling * (B A)^T ([num_embeddings, dim]: each norm runs over the vocabulary).
+        `exact_norm`: the norm's gradient reaches A and B (else it is a constant of the
+        backward, as in the DoRA paper's section 4.3 and PEFT)."""
+        self.dora_exact_norm = exact_norm
+        with torch.no_grad():
+            norm = self._weight_norm(weight)
+        self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_embedding_A.dtype))
 
     def replace_forward(self, host: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        """The host's output (its own class's forward, embed_scale included) plus the update."""
+        """The host's output (its own class's forward, embed_scale included) plus the update;
+        with DoRA, k * output + k * update, k = `_dora_scale`."""
         output = original_class(host).forward(host, ids)
         if self.merged:
             self._check_not_training_merged()
             return output
+        # Before the lookup, as PEFT: a host with max_norm renormalises A's looked-up columns.
+        dora_scale = self._dora_scale(host) if self.lora_magnitude_vector is not None else None
         after_A = F.embedding(
             ids,
             self.lora_embedding_A.t(),
@@ -345,18 +368,35 @@ class LoraEmbeddingDelta(_LowRank, DeltaLayer):
             scale_grad_by_freq=host.scale_grad_by_freq,
             sparse=host.sparse,
         )
-        update = (after_A @ self.lora_embedding_B.t()) * self.scaling
+        update = after_A @ self.lora_embedding_B.t()
+        # PEFT's order of operations (k first), so that the outputs agree to the last bit.
+        update = (update if dora_scale is None else dora_scale * update) * self.scaling
         embed_scale = getattr(host, "embed_scale", None)
         if embed_scale is not None:
             update = update * torch.as_tensor(embed_scale, device=update.device).to(update.dtype)
-        return output + update.to(output.dtype)
+        if dora_scale is None:
+            return output + update.to(output.dtype)
+        return (dora_scale * output + update).to(output.dtype)
+
+    def _dora_scale(self, host: nn.Module) -> torch.Tensor:
+        """k = m / ||W + s (B A)^T||, [embedding_dim]: the norm of each column of the table with
+        the update, over the vocabulary (PEFT's DoraEmbeddingLayer, which forms the [dim,
+        num_embeddings] sum; `_weight_norm` does not), a constant of the backward unless
+        `dora_exact_norm`. It scales the host's output (embed_scale included) and the update."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.dora_exact_norm):
+            norm = self._weight_norm(host.weight)
+        magnitude = self.lora_magnitude_vector
+        return magnitude / norm.to(magnitude.dtype)
 
     def _low_rank(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         # The embedding table is [num_embeddings, dim]: it holds (B A)^T.
         return self.lora_embedding_A, self.lora_embedding_B, True
 
     def backend_name(self) -> str:
-        return "merged" if self.merged else "torch (embedding lookup)"
+        if self.merged:
+            return "merged"
+        dora = self.lora_magnitude_vector is not None
+        return f"torch ({'DoRA ' if dora else ''}embedding lookup)"
 
     def extra_repr(self) -> str:
         dim, r = self.lora_embedding_B.shape
