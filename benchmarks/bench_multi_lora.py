@@ -6,18 +6,26 @@ Providers: the floor (the frozen base linear alone on the whole batch), fastdelt
 parameters), `sequential` (the adapters one after another: `fastdelta.ops.lora_linear` on each
 adapter's rows with its own weights, the outputs put back in row order; the backend fastdelta
 picks by itself) and `single_lora` (one LoRA on every row, the cost a mixed batch would have if
-it were one adapter's). Phases: train (forward and backward, the input and the LoRA weights
-requiring grad) and inference (a forward under torch.no_grad()).
+it were one adapter's). Layer-level providers, each row a sample of its own: `mixed-layer`
+(an nn.Linear carrying one named LoraModel per adapter, called under `fastdelta.adapter_ids`
+with each row's name: the context's entry is part of each call, as it is of each batch),
+`layer-one-by-one` (that layer, `set_active(name)` and a call on the name's rows, name after
+name) and `peft-adapter-names` (PEFT's LoRA layer with an adapter per name, called through its
+PeftModel as `model(x, adapter_names=[...])`; PEFT refuses adapter_names in training, so it runs
+inference only). Phases: train (forward and backward, the input and the LoRA weights requiring
+grad) and inference (a forward under torch.no_grad()).
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 
+import peft
 import pytest
 import torch
 from torch import nn
 
+import fastdelta
 from benchmarks.cases import MultiLoraCase
 from benchmarks.cases import multi_lora_cases as cases
 from benchmarks.harness import (
@@ -33,7 +41,10 @@ from benchmarks.harness import (
 )
 from fastdelta import ops
 
-PROVIDERS = (FLOOR, *fastdelta_providers(), "sequential", "single_lora")
+LAYER = "mixed-layer"
+ONE_BY_ONE = "layer-one-by-one"
+PEFT = "peft-adapter-names"
+PROVIDERS = (FLOOR, *fastdelta_providers(), "sequential", "single_lora", LAYER, ONE_BY_ONE, PEFT)
 PHASES = ("train", "inference")
 __all__ = ["PHASES", "PROVIDERS", "bench_multi_lora", "build", "cases"]
 
@@ -83,6 +94,8 @@ def build(
             return torch.cat(outputs).index_select(0, inverse)
 
         return _workload(forward, [x, *As, *Bs], [weight, bias, *As, *Bs], "auto", None, training)
+    if provider in (LAYER, ONE_BY_ONE, PEFT):
+        return _layer_workload(provider, case, base, lora_A, lora_B, x, training)
     backend = provider.removeprefix("fastdelta-")
     A, B = (t.requires_grad_(training) for t in (lora_A, lora_B))
     segments = ops.adapter_segments(adapter_ids, case.adapters)  # once per batch, not per layer
@@ -91,6 +104,69 @@ def build(
         return ops.multi_lora_linear(x, weight, bias, A, B, scalings, segments, dropout)
 
     return _workload(forward, [x, A, B], [weight, bias, A, B], backend, backend, training)
+
+
+def _layer_workload(provider, case, base, lora_A, lora_B, x, training) -> Workload:
+    """A layer-level provider's workload: `base` with the case's adapters as named deltas (or
+    PEFT adapters), each row of x a sample of adapter row % n."""
+    names = [f"adapter_{j}" for j in range(case.adapters)]
+    labels = [names[row % case.adapters] for row in range(case.M)]
+    model = nn.Sequential(base)
+    if provider == PEFT:
+        factors = []
+        for j, name in enumerate(names):
+            config = peft.LoraConfig(target_modules=["0"], r=case.r, lora_alpha=2 * case.r)
+            if j == 0:
+                model = peft.get_peft_model(model, config, name, autocast_adapter_dtype=False)
+            else:
+                model.add_adapter(name, config)
+            layer = model.base_model.model[0]
+            factors += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+        model.eval()
+
+        def forward():
+            return model(x, adapter_names=labels)
+
+        backend = "peft"
+    else:
+        for name in names:
+            fastdelta.LoraModel(
+                model, modified_modules=["0"], lora_r=case.r, lora_alpha=2 * case.r,
+                lora_dropout=case.dropout, name=name,
+            )  # fmt: skip
+        host = model[0]
+        deltas = [delta for key, delta in host.named_children() if key.startswith("lora")]
+        factors = [factor for delta in deltas for factor in (delta.lora_A, delta.lora_B)]
+        model.train(training)
+        if provider == LAYER:
+
+            def forward():
+                with fastdelta.adapter_ids(model, labels):
+                    return model(x)
+
+        else:
+            rows = [
+                torch.arange(j, case.M, case.adapters, device=x.device) for j in range(len(names))
+            ]
+            inverse = torch.argsort(torch.cat(rows))
+
+            def forward():
+                outputs = []
+                for name, selected in zip(names, rows, strict=True):
+                    fastdelta.set_active(model, name)
+                    outputs.append(model(x[selected]))
+                return torch.cat(outputs).index_select(0, inverse)
+
+        backend = "auto"
+    with torch.no_grad():
+        for j in range(case.adapters):
+            factors[2 * j].copy_(lora_A[j])
+            factors[2 * j + 1].copy_(lora_B[j])
+    for factor in factors:
+        factor.requires_grad_(training)
+    return _workload(
+        forward, [x, *factors], [base.weight, base.bias, *factors], backend, None, training
+    )
 
 
 def _workload(forward, inputs, parameters, backend, fastdelta_backend, training) -> Workload:
@@ -108,6 +184,8 @@ def _workload(forward, inputs, parameters, backend, fastdelta_backend, training)
 @pytest.mark.parametrize("phase", PHASES)
 def bench_multi_lora(benchmark, timing, case, provider, dtype, phase, device):
     training = phase == "train"
+    if provider == PEFT and training:
+        pytest.skip("PEFT refuses adapter_names in training mode: it runs inference only")
     workload = build(provider, case, dtype, device, training)
     info = case_info("multi_lora_linear", provider, case, dtype, device)
     if training:  # forward and backward, with the memory figures

@@ -44,7 +44,11 @@ OPS = {
     "dora_linear": "DoRA linear (fastdelta: DoRA; low_rank: DoRA with dora_dropout='low_rank'; "
     "lora: fastdelta's LoRA; peft: PEFT's DoRA)",
     "multi_lora_linear": "Mixed-batch LoRA (fastdelta-<backend>: the segmented op on all rows; "
-    "sequential: one lora_linear per adapter's rows; single_lora: one LoRA on all rows)",
+    "sequential: one lora_linear per adapter's rows; single_lora: one LoRA on all rows; "
+    "mixed-layer: a linear layer with n named LoRA models under fastdelta.adapter_ids; "
+    "layer-one-by-one: that layer with set_active(name) on each name's rows in turn; "
+    "peft-adapter-names: PEFT's LoRA layer with n adapters, model(x, adapter_names=...), "
+    "inference only)",
 }
 # What the host-overhead targets compare each op's fastdelta with, besides the plain layer.
 HOST_BASELINES = {"lora": "peft", "adapter": "reference"}
@@ -362,25 +366,9 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
 
 
 def _op_section(op: str, rows: list[dict], device_type: str) -> list[str]:
-    providers = list(dict.fromkeys(row["provider"] for row in rows if row["provider"] != FLOOR))
-    full = [row for row in rows if row["mode"] == "full"]
-    pivot = {}
-    for row in full:
-        pivot.setdefault((row["case_id"], row["dtype"]), {})[row["provider"]] = row
     lines = [f"## {OPS.get(op, op)}", ""]
-    if pivot:
-        lines += ["fwd+bwd time as a ratio to the floor (lower is better):", ""]
-        header = ["shape", "dtype", "floor", *providers]
-        body = []
-        for (case_id, dtype), by_provider in pivot.items():
-            floor = by_provider.get(FLOOR)
-            ratios = [
-                _ratio(by_provider[p]["ratio_to_floor"]) if p in by_provider else "—"
-                for p in providers
-            ]
-            floor_time = "—" if floor is None else _time(floor["time_s"])
-            body.append([case_id, dtype, floor_time, *ratios])
-        lines += [*_table(header, body), ""]
+    for mode in ("full", "inference"):  # a table of ratios per mode timed (inference: no_grad)
+        lines += _ratio_table(rows, mode)
     lines += ["Every measurement:", ""]
     header = ["shape", "dtype", "mode", "provider", "backend", "time", "vs floor", "memory MiB"]
     body = [
@@ -398,6 +386,32 @@ def _op_section(op: str, rows: list[dict], device_type: str) -> list[str]:
     ]
     memory_kind = MEMORY_KINDS.get(device_type, "memory")
     return [*lines, *_table(header, body), "", f"Memory: {memory_kind}.", ""]
+
+
+def _ratio_table(rows: list[dict], mode: str) -> list[str]:
+    """The `mode` rows' times as ratios to the floor, a line per case and dtype, a column per
+    provider timed in that mode; nothing when no row has that mode."""
+    timed = [row for row in rows if row["mode"] == mode]
+    providers = list(dict.fromkeys(row["provider"] for row in timed if row["provider"] != FLOOR))
+    pivot = {}
+    for row in timed:
+        pivot.setdefault((row["case_id"], row["dtype"]), {})[row["provider"]] = row
+    lines = []
+    if pivot:
+        title = MODE_NAMES.get(mode, mode)
+        lines += [f"{title} time as a ratio to the floor (lower is better):", ""]
+        header = ["shape", "dtype", "floor", *providers]
+        body = []
+        for (case_id, dtype), by_provider in pivot.items():
+            floor = by_provider.get(FLOOR)
+            ratios = [
+                _ratio(by_provider[p]["ratio_to_floor"]) if p in by_provider else "—"
+                for p in providers
+            ]
+            floor_time = "—" if floor is None else _time(floor["time_s"])
+            body.append([case_id, dtype, floor_time, *ratios])
+        lines += [*_table(header, body), ""]
+    return lines
 
 
 def _host_section(rows: list[dict]) -> list[str]:

@@ -51,6 +51,9 @@ RUNNING_DELTAS = "_fastdelta_running"
 DELTA_MODEL_NAME = "_fastdelta_name"
 INACTIVE = "_fastdelta_inactive"
 DEFAULT_NAME = "default"
+# The mixed batch in progress (`fastdelta.adapter_ids`), or None: while set, the hosts it covers
+# route each row of their input to its own named deltas (`fastdelta.layers.mixed_batch`).
+_mixed_batch = None
 
 
 def attach_delta(
@@ -66,6 +69,7 @@ def attach_delta(
     `host_name` (the host's name in the model) is for error messages."""
     if role not in ROLES:
         raise ValueError(f"Unknown delta role {role!r}; choose one of {ROLES}")
+    _refuse_inside_mixed_batch("attached")
     host_class = type(host).__name__
     where = f"{host_name} ({host_class})" if host_name else host_class
     if delta_name in host._modules or hasattr(host, delta_name):
@@ -118,6 +122,7 @@ def original_class(module: nn.Module) -> type:
 
 def detach_delta(host: nn.Module, delta_name: str) -> nn.Module:
     """Take delta `delta_name` off `host` and return it; the last one restores the host's class."""
+    _refuse_inside_mixed_batch("detached")
     remaining = tuple(entry for entry in attached_deltas(host) if entry[0] != delta_name)
     if len(remaining) == len(attached_deltas(host)):
         raise ValueError(f"{type(host).__name__} has no delta named {delta_name!r}")
@@ -231,7 +236,37 @@ def first_input_name(forward) -> str | None:
     return None
 
 
+def set_mixed_batch(mixed_batch) -> None:
+    """Make `mixed_batch` (a `fastdelta.layers.mixed_batch.MixedBatch`, or None) the one that
+    hosts read; one at a time."""
+    global _mixed_batch
+    if mixed_batch is not None and _mixed_batch is not None:
+        raise RuntimeError(
+            "fastdelta.adapter_ids is already in effect: one mixed batch at a time (a row runs "
+            "one name). Leave the first `with fastdelta.adapter_ids(...)` block before entering "
+            "another"
+        )
+    _mixed_batch = mixed_batch
+
+
+def _refuse_inside_mixed_batch(action: str) -> None:
+    if _mixed_batch is not None:
+        raise RuntimeError(
+            f"A delta cannot be {action} inside `with fastdelta.adapter_ids(...)`, which planned "
+            "each layer's deltas on entry: build, attach, detach or disable_adapter() the delta "
+            "models outside the block"
+        )
+
+
+def mixed_batch_in_effect():
+    """The mixed batch hosts read now (`set_mixed_batch`), or None."""
+    return _mixed_batch
+
+
 def _forward_with_deltas(host: nn.Module, original_forward, input_name, args, kwargs):
+    if _mixed_batch is not None and _mixed_batch.covers(host):
+        # The one check a call outside `fastdelta.adapter_ids` pays: a global's None test.
+        return _mixed_batch.forward(host, original_forward, input_name, args, kwargs)
     entries = host.__dict__.get(RUNNING_DELTAS)
     if entries is None:  # a host pickled by a fastdelta that did not store it
         entries = refresh_running_deltas(host)
