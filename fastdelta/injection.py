@@ -318,18 +318,30 @@ def _computes_its_host(delta: nn.Module) -> bool:
 
 def _apply_before_deltas(host, input_name, deltas, args, kwargs):
     """The host's first input after the "before" deltas, and the arguments carrying it."""
+
+    def before(hidden):
+        for delta, role in deltas:
+            if role == "before":
+                hidden = delta(hidden)
+        return hidden
+
+    return with_first_input(host, input_name, args, kwargs, before)
+
+
+def with_first_input(host, input_name, args, kwargs, transform, where: str | None = None):
+    """(transform(the host's first input), args, kwargs): the call's arguments with the
+    transformed input in its place, positional or by name (`input_name`). `where` names the
+    host in the error of a call without that input."""
     if args:
         hidden = args[0]
     elif input_name is not None and input_name in kwargs:
         hidden = kwargs[input_name]
     else:
         raise TypeError(
-            f"{type(host).__name__}.forward() was called without its first "
+            f"{where or type(host).__name__}.forward() was called without its first "
             f"argument {input_name!r}, which its deltas read"
         )
-    for delta, role in deltas:
-        if role == "before":
-            hidden = delta(hidden)
+    hidden = transform(hidden)
     if args:
         return hidden, (hidden, *args[1:]), kwargs
     return hidden, args, {**kwargs, input_name: hidden}

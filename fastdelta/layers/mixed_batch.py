@@ -35,7 +35,12 @@ import torch
 from torch import nn
 
 from fastdelta import ops
-from fastdelta.injection import _computes_its_host, _map_main_output, attached_deltas
+from fastdelta.injection import (
+    _computes_its_host,
+    _map_main_output,
+    attached_deltas,
+    with_first_input,
+)
 from fastdelta.layers import lora_stacks
 from fastdelta.layers.adapter import AdapterDelta, InputTap, SpanningAdapterDelta
 from fastdelta.layers.base import DeltaLayer, parameter
@@ -160,20 +165,14 @@ class MixedBatch:
 
     def _input(self, host, plan, input_name, args, kwargs):
         """(the host's first input after its "before" deltas, args, kwargs carrying it)."""
-        if args:
-            hidden = args[0]
-        elif input_name is not None and input_name in kwargs:
-            hidden = kwargs[input_name]
-        else:
-            raise TypeError(
-                f"{plan.host_name} ({type(host).__name__}).forward() was called without its "
-                f"first argument {input_name!r}, which its deltas read"
-            )
-        for delta, name in plan.before:
-            hidden = self._routed(plan, name, delta, hidden)
-        if args:
-            return hidden, (hidden, *args[1:]), kwargs
-        return hidden, args, {**kwargs, input_name: hidden}
+
+        def before(hidden):
+            for delta, name in plan.before:
+                hidden = self._routed(plan, name, delta, hidden)
+            return hidden
+
+        where = f"{plan.host_name} ({type(host).__name__})"
+        return with_first_input(host, input_name, args, kwargs, before, where)
 
     def _check_batch(self, plan: HostPlan, tensor: torch.Tensor) -> None:
         if tensor.dim() < 1 or tensor.shape[0] != self.batch_size:
