@@ -51,6 +51,8 @@ RUNNING_DELTAS = "_fastdelta_running"
 DELTA_MODEL_NAME = "_fastdelta_name"
 INACTIVE = "_fastdelta_inactive"
 DEFAULT_NAME = "default"
+# Attribute of a stacked LoRA that runs as its host's fused op (the layer's first LoRA inactive).
+RUNS_IN_PLACE = "_fastdelta_runs_in_place"
 # The mixed batch in progress (`fastdelta.adapter_ids`), or None: while set, the hosts it covers
 # route each row of their input to its own named deltas (`fastdelta.layers.mixed_batch`).
 _mixed_batch = None
@@ -170,6 +172,8 @@ def refresh_running_deltas(host: nn.Module) -> tuple[tuple[str, str], ...]:
         for name, role in attached_deltas(host)
         if role is not None and is_active(host._modules[name])
     )
+    for name, _ in attached_deltas(host):
+        host._modules[name].__dict__.pop(RUNS_IN_PLACE, None)
     if not any(role == "replace" for _, role in entries):
         promoted = None
         for index, (name, role) in enumerate(entries):
@@ -181,6 +185,7 @@ def refresh_running_deltas(host: nn.Module) -> tuple[tuple[str, str], ...]:
         if promoted is not None:
             name = entries[promoted][0]
             entries = ((name, "replace"), *entries[:promoted], *entries[promoted + 1 :])
+            host._modules[name].__dict__[RUNS_IN_PLACE] = True
     if ATTACHED_DELTAS in host.__dict__:
         host.__dict__[RUNNING_DELTAS] = entries
     else:

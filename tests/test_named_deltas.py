@@ -160,10 +160,13 @@ def test_an_inactive_delta_is_never_called_and_a_lone_active_lora_runs_fused(mon
     assert host.__dict__[RUNNING_DELTAS] == (("lora_1", "replace"),)
     output(model)
     assert calls == ["lora_1.replace_forward"]  # the fused op, computing the layer itself
+    assert "stacked" not in host.lora_1.backend_name()  # log() says what runs it
     calls.clear()
     set_active(model, "adapter")
     output(model)
     assert calls == []  # neither LoRA ran: the query layer ran its own forward
+    set_active(model, ["default", "small"])
+    assert "stacked" in host.lora_1.backend_name()  # behind the first LoRA's fused op again
 
 
 def test_a_lone_lora_takes_the_fused_place_only_where_the_order_allows():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdelta import ops
-from fastdelta.injection import original_class
+from fastdelta.injection import RUNS_IN_PLACE, original_class
 from fastdelta.layers.base import DeltaLayer, parameter
 from fastdelta.layers.dora_norm import BaseRowNorms
 
@@ -273,7 +273,7 @@ class LoraDelta(_LowRank, DeltaLayer):
     def backend_name(self) -> str:
         if self.merged:
             return "merged"
-        if self.stacked:
+        if self.stacked and not self.__dict__.get(RUNS_IN_PLACE):
             return "eager (stacked on another LoRA)"
         dora = self.lora_magnitude_vector is not None
         if dora and self.dropout and self.dora_dropout == "peft":
