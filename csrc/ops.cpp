@@ -39,4 +39,16 @@ TORCH_LIBRARY(fastdelta_C, m) {
   m.def(
       "adapter_bottleneck(Tensor h, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
       "Tensor? up_bias, Tensor? residual, float scaling, str activation) -> Tensor");
+  // The mixed-batch LoRA (multi_lora.cpp): (y, xa) for row i running adapter ids[i] of the
+  // stacked lora_A [n, r, K], lora_B [n, N, r], the rows grouped by `order` and `starts`.
+  m.def(
+      "multi_lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor scalings, Tensor order, Tensor starts, Tensor? seed, float dropout_p, "
+      "bool fan_in_fan_out) -> (Tensor, Tensor)");
+  // Its gradients of (x, weight, bias, lora_A, lora_B); undefined where needs is false.
+  m.def(
+      "multi_lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, "
+      "Tensor lora_B, Tensor scalings, Tensor order, Tensor starts, Tensor xa, Tensor? seed, "
+      "float dropout_p, bool fan_in_fan_out, bool[5] needs) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

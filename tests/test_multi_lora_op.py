@@ -306,7 +306,8 @@ def test_the_triton_path_reads_nothing_on_the_host(use_backend, monkeypatch):
     """A layer's call with the batch's segments, forward and backward, on the triton backend:
     no host read, so nothing waits for the GPU and a CUDA graph can capture the step (the
     interpreter's own reads are not counted; test_host_sync.py has the guard). The torch and
-    cpp backends read the segments' bounds, by design (fastdelta.ops.multi_lora_composed)."""
+    cpp backends read the segments' bounds, by design (ops/multi_lora_composed.py,
+    csrc/multi_lora.cpp)."""
     from test_host_sync import HostReadGuard, assert_no_host_reads
     from triton.runtime.interpreter import InterpretedFunction
 

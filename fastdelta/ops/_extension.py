@@ -38,7 +38,7 @@ LOG_TAIL_LINES = 25
 # The file in a build directory that names the library once the build is complete.
 COMPLETE_MARKER = "complete"
 
-CPU_SOURCES = ("ops.cpp", "autograd.cpp", "cpu/lora.cpp", "cpu/adapter.cpp")
+CPU_SOURCES = ("ops.cpp", "autograd.cpp", "multi_lora.cpp", "cpu/lora.cpp", "cpu/adapter.cpp")
 # The CUDA ops: ATen-level code in .cpp files (host compiler), kernels in .cu files (nvcc).
 CUDA_SOURCES = (
     "cuda/lora_cuda.cpp",

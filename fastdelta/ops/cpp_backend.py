@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from fastdelta.ops import dora_composed, multi_lora_composed
+from fastdelta.ops import dora_composed
 
 
 @functools.cache
@@ -174,14 +174,12 @@ def adapter_backward(
 def multi_lora_forward(
     x, weight, bias, lora_A, lora_B, scalings, order, starts, seed, dropout_p, fan_in_fan_out
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, xa) of the mixed-batch LoRA (`fastdelta.ops.multi_lora`): ATen's segmented products
-    (`fastdelta.ops.multi_lora_composed`) with the extension's dropout mask, so a row is dropped
-    as this backend's lora_linear drops it. The extension has no kernels of its own for it."""
-    multi_lora_composed.note_cpp_route()
-    return multi_lora_composed.multi_lora_forward_using(
-        dropout_keep_mask, x, weight, bias, lora_A, lora_B, scalings, order, starts, seed,
-        dropout_p, fan_in_fan_out,
-    )  # fmt: skip
+    """(y, xa) of the mixed-batch LoRA (`fastdelta.ops.multi_lora`): the extension's segmented
+    products (csrc/multi_lora.cpp), with its dropout mask, so a row is dropped as this backend's
+    lora_linear drops it."""
+    return _op("multi_lora_forward")(
+        x, weight, bias, lora_A, lora_B, scalings, order, starts, seed, dropout_p, fan_in_fan_out
+    )
 
 
 def multi_lora_backward(
@@ -190,7 +188,5 @@ def multi_lora_backward(
 ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
     """Gradients of (x, weight, bias, lora_A, lora_B) of the mixed-batch LoRA; None for those
     not needed."""
-    return multi_lora_composed.multi_lora_backward_using(
-        dropout_keep_mask, grad_y, x, weight, lora_A, lora_B, scalings, order, starts, xa, seed,
-        dropout_p, fan_in_fan_out, needs,
-    )  # fmt: skip
+    arguments = (grad_y, x, weight, lora_A, lora_B, scalings, order, starts, xa, seed)
+    return tuple(_op("multi_lora_backward")(*arguments, dropout_p, fan_in_fan_out, list(needs)))

@@ -1,4 +1,5 @@
-"""The mixed-batch LoRA in ATen: the torch backend's, and the cpp backend's with its own mask.
+"""The mixed-batch LoRA in ATen: the torch backend's (csrc/multi_lora.cpp is the cpp backend's,
+the same steps in C++ with the extension's mask).
 
 The rows are grouped once, by the segments the functional computed (`order`, `starts`: see
 `fastdelta.ops.multi_lora`): the rows that have an adapter are gathered in adapter order, each
@@ -12,32 +13,16 @@ The per-adapter loop needs the segments' bounds on the host: one read of n + 1 i
 forward and per backward, free on the CPU; on a GPU, where these functions are the last resort
 (the triton backend reads nothing on the host), it waits for the queued kernels.
 
-The dropout mask is the backend's LoRA mask for x's shape (`keep_mask`, the torch backend's or
-the extension's), drawn once per pass over the whole [M, K] input, so every row is dropped as
-`lora_linear` would drop it.
+The dropout mask is the backend's LoRA mask for x's shape (`keep_mask`), drawn once per pass
+over the whole [M, K] input, so every row is dropped as `lora_linear` would drop it.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-import logging
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
-
-
-@functools.cache
-def note_cpp_route() -> None:
-    """Say once that the cpp backend composes this op from ATen (its extension has no kernels
-    of its own for it)."""
-    logger.info(
-        "fastdelta: the C++ extension has no mixed-batch LoRA kernels; on the cpp backend, "
-        "multi_lora_linear runs ATen's segmented products (fastdelta.ops.multi_lora_composed) "
-        "with the extension's dropout mask"
-    )
 
 
 def _precise(dtype: torch.dtype) -> torch.dtype:
