@@ -34,16 +34,43 @@ struct Span {
   int64_t adapter, first, last;  // the adapter's rows are positions first .. last - 1 of order
 };
 
-// The adapters that have rows, and how many rows have an adapter: one host read of `starts`.
-std::pair<std::vector<Span>, int64_t> segments(const at::Tensor& starts) {
+// What the ops assume of their arguments. fastdelta.ops.multi_lora_linear checks them for users
+// first, with errors that name the fix; these guard direct calls of torch.ops.fastdelta_C.
+void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& lora_A,
+                     const at::Tensor& lora_B, const at::Tensor& scalings,
+                     const at::Tensor& order, const at::Tensor& starts,
+                     const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have a feature dimension");
+  const int64_t rows = x.size(-1) > 0 ? x.numel() / x.size(-1) : 0;
+  TORCH_CHECK(lora_A.dim() == 3 && lora_B.dim() == 3 && lora_A.size(0) == lora_B.size(0) &&
+                  lora_A.size(2) == x.size(-1) && lora_B.size(2) == lora_A.size(1),
+              op, ": lora_A must be [n, r, K] and lora_B [n, N, r], K x's features");
+  TORCH_CHECK(scalings.dim() == 1 && scalings.size(0) == lora_A.size(0), op,
+              ": scalings must be [n], one per adapter");
+  TORCH_CHECK(order.dim() == 1 && order.size(0) == rows && !order.is_floating_point(), op,
+              ": order must be an integer [M], a permutation of x's rows");
+  TORCH_CHECK(starts.dim() == 1 && starts.size(0) == lora_A.size(0) + 1 &&
+                  !starts.is_floating_point(),
+              op, ": starts must be an integer [n + 1]");
+  TORCH_CHECK(!seed.has_value() || (seed->scalar_type() == at::kLong && seed->numel() == 1 &&
+                                    seed->device() == x.device()),
+              op, ": seed must be an int64 scalar tensor on x's device");
+}
+
+// The adapters that have rows, and how many rows have an adapter: one host read of `starts`,
+// whose bounds must rise from 0 to at most `rows`.
+std::pair<std::vector<Span>, int64_t> segments(const at::Tensor& starts, int64_t rows) {
   const at::Tensor bounds = starts.to(at::kCPU, at::kLong).contiguous();
   const int64_t* b = bounds.const_data_ptr<int64_t>();
   const int64_t count = bounds.numel();
+  TORCH_CHECK(count > 0 && b[0] == 0 && b[count - 1] <= rows,
+              "fastdelta_C multi_lora: starts must rise from 0 to at most x's rows");
   std::vector<Span> spans;
   for (int64_t j = 0; j + 1 < count; ++j) {
+    TORCH_CHECK(b[j + 1] >= b[j], "fastdelta_C multi_lora: starts must not decrease");
     if (b[j + 1] > b[j]) spans.push_back({j, b[j], b[j + 1]});
   }
-  return {spans, count > 0 ? b[count - 1] : 0};
+  return {spans, b[count - 1]};
 }
 
 // The extension's LoRA keep-mask for an [m, k] input.
@@ -64,12 +91,15 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_forward(
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scalings,
     const at::Tensor& order, const at::Tensor& starts, const std::optional<at::Tensor>& seed,
     double dropout_p, bool fan_in_fan_out) {
+  check_arguments("fastdelta_C::multi_lora_forward", x, lora_A, lora_B, scalings, order, starts,
+                  seed);
   const int64_t k = x.size(-1), rank = lora_A.size(1), n = lora_B.size(1);
   const at::Tensor x2d = x.reshape({-1, k});
   const int64_t m = x2d.size(0);
   at::Tensor y = at::linear(x2d, base_weight(weight, fan_in_fan_out), bias);
   at::Tensor xa = at::zeros({m, rank}, x.options().dtype(accumulate_type(x.scalar_type())));
-  const auto [spans, used] = m > 0 ? segments(starts) : std::pair<std::vector<Span>, int64_t>{};
+  const auto [spans, used] =
+      m > 0 ? segments(starts, m) : std::pair<std::vector<Span>, int64_t>{};
   if (used > 0) {
     const at::Tensor rows = order.narrow(0, 0, used);
     const at::Tensor source =
@@ -100,6 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
     const at::Tensor& order, const at::Tensor& starts, const at::Tensor& xa,
     const std::optional<at::Tensor>& seed, double dropout_p, bool fan_in_fan_out,
     std::array<bool, 5> needs) {
+  check_arguments("fastdelta_C::multi_lora_backward", x, lora_A, lora_B, scalings, order,
+                  starts, seed);
   const auto [need_x, need_weight, need_bias, need_A, need_B] = needs;
   const int64_t k = x.size(-1);
   const at::Tensor x2d = x.reshape({-1, k});
@@ -110,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   at::Tensor grad_B = need_B ? at::zeros_like(lora_B) : at::Tensor();
   const bool low_rank_grads = need_x || need_A || need_B;
   const auto [spans, used] =
-      m > 0 && low_rank_grads ? segments(starts) : std::pair<std::vector<Span>, int64_t>{};
+      m > 0 && low_rank_grads ? segments(starts, m) : std::pair<std::vector<Span>, int64_t>{};
   if (used > 0) {
     const at::Tensor rows = order.narrow(0, 0, used);
     const at::Tensor gathered = grad2d.index_select(0, rows);

@@ -499,3 +499,37 @@ def test_a_wrong_triton_variant_runs_on_the_next_backend(checked, monkeypatch, u
     assert torch.equal(got[0], expected[0])
     for name in NAMES:
         assert torch.equal(got[1][name], expected[1][name])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"scalings": torch.ones(2)}, r"scalings must be \[n\]"),
+        ({"lora_A": torch.zeros(3, 2, 5)}, r"lora_A must be \[n, r, K\]"),
+        ({"order": torch.arange(3)}, r"order must be an integer \[M\]"),
+        ({"starts": torch.tensor([0, 2, 1, 4])}, "starts must not decrease"),
+        ({"starts": torch.tensor([0, 1, 2, 9])}, "starts must rise from 0 to at most x's rows"),
+        ({"seed": torch.tensor(1.0)}, "seed must be an int64 scalar tensor"),
+    ],
+)
+def test_the_cpp_ops_refuse_arguments_that_do_not_fit(use_backend, change, message):
+    """Direct calls of torch.ops.fastdelta_C.multi_lora_* (fastdelta.ops checks first, for
+    users) raise for what would index out of bounds, forward and backward alike."""
+    use_backend("cpp")
+    x, weight = torch.randn(4, 6), torch.randn(5, 6)
+    lora_A, lora_B = torch.randn(3, 2, 6), torch.randn(3, 5, 2)
+    segments = ops.adapter_segments(torch.tensor([0, 2, -1, 2]), 3)
+    arguments = {
+        "x": x, "weight": weight, "bias": None, "lora_A": lora_A, "lora_B": lora_B,
+        "scalings": torch.ones(3), "order": segments.order, "starts": segments.starts,
+        "seed": None,
+    }  # fmt: skip
+    arguments.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastdelta_C.multi_lora_forward(*arguments.values(), 0.0, False)
+    backward = {key: value for key, value in arguments.items() if key != "bias"}
+    grad_y, xa = torch.randn(4, 5), torch.zeros(4, 2)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastdelta_C.multi_lora_backward(
+            grad_y, *list(backward.values())[:7], xa, backward["seed"], 0.0, False, [True] * 5
+        )
