@@ -26,7 +26,7 @@ from fastdelta.ops.backend import get_backend, resolve_backend, set_backend
 from fastdelta.ops.dora import dora_linear_eager, dora_linear_op
 from fastdelta.ops.dora import row_norms_squared as dora_row_norms_squared
 from fastdelta.ops.dora import weight_norm as dora_weight_norm
-from fastdelta.ops.eager import autocast_dtype, eager_path
+from fastdelta.ops.eager import autocast_dtype, cast_operands, eager_path
 from fastdelta.ops.lora import lora_linear_eager, lora_linear_op
 from fastdelta.ops.multi_lora_functional import (
     AdapterSegments,
@@ -118,8 +118,7 @@ def lora_linear(
     device = x.device
     dtype = autocast_dtype(device)
     if dtype is not None:
-        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
-        bias = None if bias is None else bias.to(dtype)
+        x, weight, bias, lora_A, lora_B = cast_operands(dtype, x, weight, bias, lora_A, lora_B)
     # Resolved once, here, for the forward and its backward (see fastdelta.ops.backend).
     backend = resolve_backend(device, x.dtype)
     arguments = (x, weight, bias, lora_A, lora_B, dropout_p, fan_in_fan_out)
@@ -322,8 +321,7 @@ def dora_linear(
     device = x.device
     dtype = autocast_dtype(device)
     if dtype is not None:
-        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
-        bias = None if bias is None else bias.to(dtype)
+        x, weight, bias, lora_A, lora_B = cast_operands(dtype, x, weight, bias, lora_A, lora_B)
     backend = resolve_backend(device, x.dtype)
     arguments = (x, weight, bias, lora_A, lora_B, magnitude, norm, dropout_p, fan_in_fan_out)
     if torch.compiler.is_compiling():

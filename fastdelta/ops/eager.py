@@ -45,6 +45,11 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def cast_operands(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple:
+    """`tensors` in `dtype` (None stays None): an op's operands under torch.autocast."""
+    return tuple(None if tensor is None else tensor.to(dtype) for tensor in tensors)
+
+
 def profiled(name: str) -> contextlib.AbstractContextManager:
     """A profiler range called `name` (the op's name) while torch.profiler records, else
     nothing, so the eager path still shows as fastdelta::... in a trace."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdelta.ops.backend import resolve_backend
-from fastdelta.ops.eager import autocast_dtype, eager_path
+from fastdelta.ops.eager import autocast_dtype, cast_operands, eager_path
 from fastdelta.ops.multi_lora import multi_lora_eager, multi_lora_linear_op
 
 _OP = "fastdelta.ops.multi_lora_linear"
@@ -218,8 +218,7 @@ def multi_lora_linear(
     device = x.device
     dtype = autocast_dtype(device)
     if dtype is not None:
-        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
-        bias = None if bias is None else bias.to(dtype)
+        x, weight, bias, lora_A, lora_B = cast_operands(dtype, x, weight, bias, lora_A, lora_B)
     backend = resolve_backend(device, x.dtype)
     arguments = (x, weight, bias, lora_A, lora_B, scalings, dropout_p, fan_in_fan_out)
     adapters = lora_A.shape[0] if lora_A.dim() == 3 else 0
