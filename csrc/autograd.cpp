@@ -7,7 +7,9 @@
 // of x, A and B) 89 us and 71 us.
 //
 // The kernels are registered for the Autograd key, so they run for every device whose forward
-// and backward ops have kernels (CPU, and CUDA where it is built). torch.compile, FakeTensor
+// and backward ops have kernels (CPU, and CUDA where it is built); tensors made under
+// torch.inference_mode have no Autograd key and take the forward-only kernels registered as
+// CompositeExplicitAutograd. torch.compile, FakeTensor
 // and tensor subclasses use the Python custom ops of fastdelta.ops instead, which call the same
 // forward and backward ops.
 //
@@ -248,11 +250,46 @@ at::Tensor adapter_bottleneck_autograd(const at::Tensor& h, const at::Tensor& do
                                           scaling, activation);
 }
 
+// The same ops on tensors without autograd (made under torch.inference_mode), which skip the
+// Autograd kernels above: the checks and the forward op, no graph.
+
+at::Tensor lora_linear_inference(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                 const at::Tensor& lora_B, const std::optional<at::Tensor>& seed,
+                                 double scaling, double dropout_p, bool fan_in_fan_out) {
+  RECORD_FUNCTION("fastdelta::lora_linear", c10::ArrayRef<const c10::IValue>{});
+  check_lora_call(x, weight, bias, lora_A, lora_B, seed, dropout_p, fan_in_fan_out);
+  std::optional<at::Tensor> mask_seed;
+  if (dropout_p > 0) mask_seed = seed.has_value() ? *seed : draw_seed(x);
+  return std::get<0>(op<LoraForward>("fastdelta_C::lora_forward")
+                         .call(x, weight, bias, lora_A, lora_B, mask_seed, scaling, dropout_p,
+                               fan_in_fan_out));
+}
+
+at::Tensor adapter_bottleneck_inference(const at::Tensor& h, const at::Tensor& down_weight,
+                                        const std::optional<at::Tensor>& down_bias,
+                                        const at::Tensor& up_weight,
+                                        const std::optional<at::Tensor>& up_bias,
+                                        const std::optional<at::Tensor>& residual,
+                                        double scaling, c10::string_view activation) {
+  RECORD_FUNCTION("fastdelta::adapter_bottleneck", c10::ArrayRef<const c10::IValue>{});
+  check_adapter_call(h, down_weight, down_bias, up_weight, up_bias, residual);
+  parse_activation(std::string(activation));
+  return std::get<0>(op<AdapterForward>("fastdelta_C::adapter_forward")
+                         .call(h, down_weight, down_bias, up_weight, up_bias, residual, scaling,
+                               activation));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdelta_C, Autograd, m) {
   m.impl("lora_linear", &lora_linear_autograd);
   m.impl("adapter_bottleneck", &adapter_bottleneck_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fastdelta_C, CompositeExplicitAutograd, m) {
+  m.impl("lora_linear", &lora_linear_inference);
+  m.impl("adapter_bottleneck", &adapter_bottleneck_inference);
 }
 
 }  // namespace fastdelta
