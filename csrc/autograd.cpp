@@ -6,6 +6,10 @@
 // autograd.Function around the forward op and 11 us here; forward and backward (the gradients
 // of x, A and B) 89 us and 71 us.
 //
+// fastdelta_C::linear_adapter is a linear layer with the adapter after it as one node: an
+// adapter on an nn.Linear or Conv1D, called by its host's forward as LoRA is, costs that
+// forward one dispatcher call instead of the linear's, the adapter module's and the op's.
+//
 // The kernels are registered for the Autograd key, so they run for every device whose forward
 // and backward ops have kernels (CPU, and CUDA where it is built); tensors made under
 // torch.inference_mode have no Autograd key and take the forward-only kernels registered as
@@ -98,8 +102,8 @@ void check_lora_call(const at::Tensor& x, const at::Tensor& weight,
 void check_adapter_call(const at::Tensor& h, const at::Tensor& down_weight,
                         const std::optional<at::Tensor>& down_bias, const at::Tensor& up_weight,
                         const std::optional<at::Tensor>& up_bias,
-                        const std::optional<at::Tensor>& residual) {
-  constexpr const char* op = "fastdelta_C::adapter_bottleneck";
+                        const std::optional<at::Tensor>& residual,
+                        const char* op = "fastdelta_C::adapter_bottleneck") {
   TORCH_CHECK(h.dim() >= 1 && down_weight.dim() == 2 && up_weight.dim() == 2, op,
               ": h must have a feature dimension and the weights must be 2-D");
   check_same(op, "down_weight", down_weight, h);
@@ -221,6 +225,113 @@ class AdapterBottleneckFunction : public torch::autograd::Function<AdapterBottle
   }
 };
 
+// h = x W^T + b for 2-D x, W [N, K] (stored [K, N] with fan_in_fan_out, as GPT-2's Conv1D):
+// the product nn.Linear and Conv1D compute.
+at::Tensor base_linear(const at::Tensor& x2d, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, bool fan_in_fan_out) {
+  const at::Tensor weight_t = fan_in_fan_out ? weight : weight.t();
+  return bias.has_value() ? at::addmm(*bias, x2d, weight_t) : at::mm(x2d, weight_t);
+}
+
+void check_linear_adapter_call(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, bool fan_in_fan_out) {
+  constexpr const char* op = "fastdelta_C::linear_adapter";
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2, op,
+              ": x must have a feature dimension and weight must be 2-D");
+  check_same(op, "weight", weight, x);
+  const int64_t K = fan_in_fan_out ? weight.size(0) : weight.size(1);
+  const int64_t N = fan_in_fan_out ? weight.size(1) : weight.size(0);
+  TORCH_CHECK(x.size(-1) == K, op, ": the weight's shape does not fit x");
+  if (bias.has_value()) {
+    check_same(op, "bias", *bias, x);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [N]");
+  }
+}
+
+// (out, h, pre) of a linear layer followed by its adapter, 2-D: h = x W^T + b, and out = h +
+// s * (act(pre) U^T + b_u) with pre = h D^T + b_d (sequential) or x D^T + b_d (parallel).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_adapter_2d(
+    const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
+    const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias, double scaling,
+    c10::string_view activation, bool parallel, bool fan_in_fan_out) {
+  const at::Tensor h = base_linear(x2d, weight, bias, fan_in_fan_out);
+  const at::Tensor& input = parallel ? x2d : h;
+  const std::optional<at::Tensor> residual =
+      parallel ? std::optional<at::Tensor>(h) : std::nullopt;
+  check_adapter_call(input, down_weight, down_bias, up_weight, up_bias, residual,
+                     "fastdelta_C::linear_adapter");
+  auto [out, pre] = op<AdapterForward>("fastdelta_C::adapter_forward")
+                        .call(input, down_weight, down_bias, up_weight, up_bias, residual,
+                              scaling, activation);
+  return {out, h, pre};
+}
+
+// A linear layer (nn.Linear, or Conv1D with fan_in_fan_out) and the adapter after it, as one
+// node: the layer's own product is the adapter's input (sequential) or its residual (parallel,
+// the adapter reading x). The node saves what the two would save apart: the adapter's input and
+// pre-activation, the weights, and x only where a gradient needs it.
+class LinearAdapterFunction : public torch::autograd::Function<LinearAdapterFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const at::Tensor& down_weight,
+                            const std::optional<at::Tensor>& down_bias,
+                            const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
+                            double scaling, c10::string_view activation, bool parallel,
+                            bool fan_in_fan_out) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t K = x.size(-1);
+    auto [out, h, pre] =
+        linear_adapter_2d(as_2d(x, K), weight, bias, down_weight, down_bias, up_weight, up_bias, scaling, activation, parallel,
+                          fan_in_fan_out);
+    // x is the adapter's input (parallel), or read by the weight's gradient alone.
+    const bool keep_x = parallel || weight.requires_grad();
+    ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, parallel ? at::Tensor() : h,
+                            down_weight, up_weight, pre});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["flags"] = c10::List<bool>(
+        {bias.has_value(), down_bias.has_value(), up_bias.has_value(), parallel, fan_in_fan_out});
+    return like_rows_of(out, x, out.size(1));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    RECORD_FUNCTION("fastdelta::linear_adapter_backward", c10::ArrayRef<const c10::IValue>{});
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &h = saved[2];
+    const c10::List<bool> flags = ctx->saved_data["flags"].toBoolList();
+    const bool parallel = flags[3], fan_in_fan_out = flags[4];
+    const auto needs = needs_by_argument<7>(ctx, {true, true, flags[0], true, flags[1], true,
+                                                  flags[2]});
+    const auto [need_x, need_weight, need_bias] = std::tuple(needs[0], needs[1], needs[2]);
+    const at::Tensor grad2d = as_2d(grad_outputs[0], grad_outputs[0].size(-1));
+    const at::Tensor w = base_weight(weight, fan_in_fan_out);  // [N, K]
+    const int64_t K = w.size(1);
+    const at::Tensor x2d = x.defined() ? as_2d(x, K) : at::Tensor();
+    // The adapter's input gradient: dh (sequential, the residual path included), or its part
+    // of dx (parallel).
+    const bool need_input = parallel ? need_x : need_x || need_weight || need_bias;
+    auto [grad_input, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias] =
+        op<AdapterBackward>("fastdelta_C::adapter_backward")
+            .call(grad2d, parallel ? x2d : h, saved[3], saved[4], saved[5],
+                  ctx->saved_data["scaling"].toDouble(),
+                  ctx->saved_data["activation"].toStringRef(), !parallel,
+                  {need_input, needs[3], needs[4], needs[5], needs[6]});
+    // The gradient reaching the linear layer's output.
+    const at::Tensor grad_h = parallel ? grad2d : grad_input;
+    at::Tensor grad_x;
+    if (need_x) {
+      grad_x = parallel ? at::addmm(grad_input, grad_h, w) : at::mm(grad_h, w);
+      grad_x = like_rows_of(grad_x, grad_outputs[0], K);
+    }
+    auto [grad_weight, grad_bias] =
+        base_grads(grad_h, x2d, fan_in_fan_out, need_weight, need_bias);
+    return {grad_x, grad_weight, grad_bias, grad_down_weight, grad_down_bias, grad_up_weight,
+            grad_up_bias, {}, {}, {}, {}};
+  }
+};
+
 at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                 const at::Tensor& lora_B, const std::optional<at::Tensor>& seed,
@@ -248,6 +359,21 @@ at::Tensor adapter_bottleneck_autograd(const at::Tensor& h, const at::Tensor& do
   parse_activation(std::string(activation));
   return AdapterBottleneckFunction::apply(h, down_weight, down_bias, up_weight, up_bias, residual,
                                           scaling, activation);
+}
+
+at::Tensor linear_adapter_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias,
+                                   const at::Tensor& down_weight,
+                                   const std::optional<at::Tensor>& down_bias,
+                                   const at::Tensor& up_weight,
+                                   const std::optional<at::Tensor>& up_bias, double scaling,
+                                   c10::string_view activation, bool parallel,
+                                   bool fan_in_fan_out) {
+  RECORD_FUNCTION("fastdelta::linear_adapter", c10::ArrayRef<const c10::IValue>{});
+  check_linear_adapter_call(x, weight, bias, fan_in_fan_out);
+  parse_activation(std::string(activation));
+  return LinearAdapterFunction::apply(x, weight, bias, down_weight, down_bias, up_weight, up_bias,
+                                      scaling, activation, parallel, fan_in_fan_out);
 }
 
 // The same ops on tensors without autograd (made under torch.inference_mode), which skip the
@@ -280,16 +406,35 @@ at::Tensor adapter_bottleneck_inference(const at::Tensor& h, const at::Tensor& d
                                activation));
 }
 
+at::Tensor linear_adapter_inference(const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias,
+                                    const at::Tensor& down_weight,
+                                    const std::optional<at::Tensor>& down_bias,
+                                    const at::Tensor& up_weight,
+                                    const std::optional<at::Tensor>& up_bias, double scaling,
+                                    c10::string_view activation, bool parallel,
+                                    bool fan_in_fan_out) {
+  RECORD_FUNCTION("fastdelta::linear_adapter", c10::ArrayRef<const c10::IValue>{});
+  check_linear_adapter_call(x, weight, bias, fan_in_fan_out);
+  parse_activation(std::string(activation));
+  const at::Tensor out = std::get<0>(
+      linear_adapter_2d(as_2d(x, x.size(-1)), weight, bias, down_weight, down_bias, up_weight,
+                        up_bias, scaling, activation, parallel, fan_in_fan_out));
+  return like_rows_of(out, x, out.size(1));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdelta_C, Autograd, m) {
   m.impl("lora_linear", &lora_linear_autograd);
   m.impl("adapter_bottleneck", &adapter_bottleneck_autograd);
+  m.impl("linear_adapter", &linear_adapter_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fastdelta_C, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lora_linear_inference);
   m.impl("adapter_bottleneck", &adapter_bottleneck_inference);
+  m.impl("linear_adapter", &linear_adapter_inference);
 }
 
 }  // namespace fastdelta

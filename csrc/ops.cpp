@@ -1,8 +1,9 @@
 // The fastdelta_C operator library: the schemas of the cpp backend's ops. The CPU kernels are
-// registered in cpu/, the CUDA kernels in cuda/ (built only where CUDA is), and lora_linear and
-// adapter_bottleneck, the forward ops with their derivatives, in autograd.cpp. The Python ops
-// fastdelta::lora_linear and fastdelta::adapter_bottleneck call the forward and backward ops
-// when the cpp backend is chosen; nothing is registered against their schemas.
+// registered in cpu/, the CUDA kernels in cuda/ (built only where CUDA is), and lora_linear,
+// adapter_bottleneck and linear_adapter, the forward ops with their derivatives, in
+// autograd.cpp. The Python ops fastdelta::lora_linear and fastdelta::adapter_bottleneck call
+// the forward and backward ops when the cpp backend is chosen; nothing is registered against
+// their schemas.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastdelta_C, m) {
@@ -39,6 +40,13 @@ TORCH_LIBRARY(fastdelta_C, m) {
   m.def(
       "adapter_bottleneck(Tensor h, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
       "Tensor? up_bias, Tensor? residual, float scaling, str activation) -> Tensor");
+  // A linear layer and its adapter as one op: h = x W^T + b (W stored [K, N] with
+  // fan_in_fan_out), out = h + scaling * (act(a D^T + b_d) U^T + b_u), a = h (sequential) or x
+  // (parallel). Differentiable, one autograd node.
+  m.def(
+      "linear_adapter(Tensor x, Tensor weight, Tensor? bias, Tensor down_weight, "
+      "Tensor? down_bias, Tensor up_weight, Tensor? up_bias, float scaling, str activation, "
+      "bool parallel, bool fan_in_fan_out) -> Tensor");
   // The mixed-batch LoRA (multi_lora.cpp): (y, xa) for row i running adapter ids[i] of the
   // stacked lora_A [n, r, K], lora_B [n, N, r], the rows grouped by `order` and `starts`.
   m.def(

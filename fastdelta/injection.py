@@ -53,6 +53,9 @@ INACTIVE = "_fastdelta_inactive"
 DEFAULT_NAME = "default"
 # Attribute of a stacked LoRA that runs as its host's fused op (the layer's first LoRA inactive).
 RUNS_IN_PLACE = "_fastdelta_runs_in_place"
+# Attribute of the one delta of a host that computes the host's output with its own (an adapter
+# on a plain linear layer, `host_forward`): (parallel, fan_in_fan_out), see refresh_running_deltas.
+RUNS_ITS_HOST = "_fastdelta_runs_its_host"
 # The mixed batch in progress (`fastdelta.adapter_ids`), or None: while set, the hosts it covers
 # route each row of their input to its own named deltas (`fastdelta.layers.mixed_batch`).
 _mixed_batch = None
@@ -129,6 +132,8 @@ def detach_delta(host: nn.Module, delta_name: str) -> nn.Module:
     if len(remaining) == len(attached_deltas(host)):
         raise ValueError(f"{type(host).__name__} has no delta named {delta_name!r}")
     delta = host._modules.pop(delta_name)
+    for mark in (RUNS_IN_PLACE, RUNS_ITS_HOST):  # what refresh_running_deltas set on it
+        delta.__dict__.pop(mark, None)
     if remaining:
         host.__dict__[ATTACHED_DELTAS] = remaining
     else:
@@ -166,7 +171,9 @@ def refresh_running_deltas(host: nn.Module) -> tuple[tuple[str, str], ...]:
     forward, an active stacked LoRA (a "parallel" delta that can compute its host) takes that
     place, so a LoRA runs as the fused op whichever of a layer's named LoRAs is active. Only
     parallel deltas, which add to the output and so commute, may run before it: the result is
-    the same sum."""
+    the same sum. A host's only running delta that can compute the host with itself in one op
+    (`fused_layout(host)` not None: an adapter on a plain linear layer) is marked
+    RUNS_ITS_HOST, and the forward calls its `host_forward` in place of both."""
     entries = tuple(
         (name, role)
         for name, role in attached_deltas(host)
@@ -174,6 +181,13 @@ def refresh_running_deltas(host: nn.Module) -> tuple[tuple[str, str], ...]:
     )
     for name, _ in attached_deltas(host):
         host._modules[name].__dict__.pop(RUNS_IN_PLACE, None)
+        host._modules[name].__dict__.pop(RUNS_ITS_HOST, None)
+    if len(entries) == 1 and entries[0][1] in ("after", "parallel"):
+        # A lone adapter on a plain linear layer: one op computes the layer and the adapter.
+        delta = host._modules[entries[0][0]]
+        layout = delta.fused_layout(host) if hasattr(delta, "fused_layout") else None
+        if layout is not None:
+            delta.__dict__[RUNS_ITS_HOST] = (entries[0][1] == "parallel", layout)
     if not any(role == "replace" for _, role in entries):
         promoted = None
         for index, (name, role) in enumerate(entries):
@@ -280,6 +294,9 @@ def _forward_with_deltas(host: nn.Module, original_forward, input_name, args, kw
         # the general case's bookkeeping: a few microseconds a call.
         name, role = entries[0]
         delta = host._modules[name]
+        fused = delta.__dict__.get(RUNS_ITS_HOST)
+        if fused is not None and len(args) == 1 and not kwargs and not _has_hooks(delta):
+            return delta.host_forward(host, args[0], *fused)
         if role == "after":
             return _map_main_output(host, original_forward(host, *args, **kwargs), delta)
         if role == "replace" and len(args) == 1 and not kwargs and _computes_its_host(delta):
@@ -313,6 +330,17 @@ def _forward_with_deltas(host: nn.Module, original_forward, input_name, args, kw
         elif role == "after":
             output = _map_main_output(host, output, delta)
     return output
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether hooks are registered on `module` itself, which a call that skips its __call__
+    would not run."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
 
 
 def _computes_its_host(delta: nn.Module) -> bool:

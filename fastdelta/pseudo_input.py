@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastdelta.injection import first_input_name
+from fastdelta.injection import first_input_name, original_class
 
 FALLBACK_PSEUDO_INPUT = [[0, 0, 0]]
 
@@ -24,6 +24,19 @@ Sizes = tuple[int | None, int]  # (input features or None for integer inputs, ou
 def is_conv1d(module: nn.Module) -> bool:
     """Whether `module` is transformers' Conv1D (GPT-2): a linear layer with weight [in, out]."""
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def plain_linear_layout(module: nn.Module) -> bool | None:
+    """fan_in_fan_out of a linear layer that computes x W^T + b with its class's own forward:
+    False for an nn.Linear, True for a Conv1D (weight [in, out]); None for any other module,
+    a subclass with a forward of its own (a quantized linear) included."""
+    cls = original_class(module)
+    if isinstance(module, nn.Linear):
+        return False if cls.forward is nn.Linear.forward else None
+    if is_conv1d(module):
+        plain = next(base.forward for base in cls.__mro__ if base.__name__ == "Conv1D")
+        return True if cls.forward is plain else None
+    return None
 
 
 def linear_sizes(module: nn.Module) -> tuple[int, int] | None:

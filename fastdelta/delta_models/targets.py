@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from fastdelta.injection import original_class
-from fastdelta.pseudo_input import is_conv1d
+from fastdelta.pseudo_input import linear_sizes, plain_linear_layout
 
 # Modules whose forward reads the weights of a child instead of calling it, and when.
 WEIGHT_READING_PARENTS = {
@@ -58,16 +58,13 @@ def check_target_runs(backbone: nn.Module, host_name: str, role: str | None) -> 
 
 def check_forward_replaceable(module: nn.Module, name: str) -> None:
     """Refuse LoRA on a linear layer whose class has its own forward, which LoRA would drop."""
-    cls = original_class(module)
-    plain = nn.Linear.forward if isinstance(module, nn.Linear) else None
-    if is_conv1d(module):
-        plain = next(base.forward for base in cls.__mro__ if base.__name__ == "Conv1D")
-    if plain is not None and cls.forward is not plain:
+    if linear_sizes(module) is not None and plain_linear_layout(module) is None:
         kind = "nn.Linear" if isinstance(module, nn.Linear) else "Conv1D"
         raise TypeError(
-            f"{name} is a {cls.__name__}, a {kind} subclass with a forward of its own, which "
-            f"LoRA would replace (it computes x W^T + b itself), changing the output even with "
-            f"a zero delta: exclude {name} (exclude_modules), or give LoRA plain {kind} layers"
+            f"{name} is a {original_class(module).__name__}, a {kind} subclass with a forward "
+            f"of its own, which LoRA would replace (it computes x W^T + b itself), changing the "
+            f"output even with a zero delta: exclude {name} (exclude_modules), or give LoRA "
+            f"plain {kind} layers"
         )
 
 

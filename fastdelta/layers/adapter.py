@@ -8,6 +8,7 @@ from torch import nn
 from fastdelta import ops
 from fastdelta.layers.base import DeltaLayer, parameter
 from fastdelta.ops.eager import autocast_dtype
+from fastdelta.pseudo_input import plain_linear_layout
 
 INIT_STD = 0.01
 
@@ -60,17 +61,37 @@ class AdapterDelta(DeltaLayer):
         return self._bottleneck(h, residual)
 
     def _bottleneck(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        # `parameter`: straight from the parameter dictionary (see layers.base).
-        return ops.adapter_bottleneck(
-            h,
-            parameter(self, "down_weight"),
-            parameter(self, "down_bias"),
-            parameter(self, "up_weight"),
-            parameter(self, "up_bias"),
+        return ops.adapter_bottleneck(h, *self._weights(), self.scaling, self.activation, residual)
+
+    def fused_layout(self, host: nn.Module) -> bool | None:
+        """fan_in_fan_out of `host` when this adapter can compute it with itself in one op
+        (`host_forward`): a plain nn.Linear or Conv1D (see `plain_linear_layout`); else None."""
+        return plain_linear_layout(host)
+
+    def host_forward(
+        self, host: nn.Module, x: torch.Tensor, parallel: bool, fan_in_fan_out: bool
+    ) -> torch.Tensor:
+        """The host linear layer's output with this adapter after it (`parallel`: reading x),
+        as `self(host(x))` (`self(x, host(x))`) computes it; the host's forward calls it in place
+        of both (fastdelta.injection.RUNS_ITS_HOST)."""
+        return ops.linear_adapter(
+            x,
+            parameter(host, "weight"),
+            parameter(host, "bias"),
+            *self._weights(),
             self.scaling,
             self.activation,
-            residual,
+            parallel,
+            fan_in_fan_out,
         )
+
+    def _weights(self) -> tuple[torch.Tensor, ...]:
+        """(down_weight, down_bias, up_weight, up_bias), read from the parameter dictionary in
+        one go (see `parameter`; a DataParallel replica holds them as attributes)."""
+        own = self._parameters
+        if "up_bias" in own:
+            return own["down_weight"], own["down_bias"], own["up_weight"], own["up_bias"]
+        return self.down_weight, self.down_bias, self.up_weight, self.up_bias
 
     def backend_name(self) -> str:
         (bottleneck, in_features), out_features = self.down_weight.shape, self.up_weight.shape[0]
@@ -146,6 +167,10 @@ class SpanningAdapterDelta(AdapterDelta):
         super().__init__(*args, **kwargs)
         self.input_tap = input_tap
         self.host_name = host_name
+
+    def fused_layout(self, host: nn.Module) -> None:
+        """None: the adapter reads another module's input, so it cannot compute its host."""
+        return None
 
     def forward(self, output: torch.Tensor) -> torch.Tensor:
         """output: [..., out_features] of the output module."""

@@ -264,6 +264,94 @@ def adapter_bottleneck(
     return adapter_bottleneck_op(*tensors, float(scaling), activation, backend)[0]
 
 
+def _check_linear_adapter_arguments(
+    x, weight, bias, down_weight, down_bias, up_weight, up_bias, parallel, fan_in_fan_out
+):
+    """Raise a ValueError naming the argument whose shape, dtype or device does not fit."""
+    where = "fastdelta.ops.linear_adapter"
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: weight must be 2-D, got shape {tuple(weight.shape)}")
+    in_features, out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
+    problems = []
+    if x.shape[-1] != in_features:
+        layout = "[in, out] (fan_in_fan_out)" if fan_in_fan_out else "[out, in]"
+        problems.append(
+            f"x has {x.shape[-1]} features but weight {tuple(weight.shape)}, stored {layout}, "
+            f"takes {in_features}"
+        )
+    if bias is not None and bias.shape != (out_features,):
+        problems.append(f"bias {tuple(bias.shape)} must be [{out_features}]")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and (tensor.dtype, tensor.device) != (x.dtype, x.device):
+            problems.append(
+                f"{name} is {tensor.dtype} on {tensor.device}, x {x.dtype} on {x.device}"
+            )
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    h = x.new_empty(()).expand(*x.shape[:-1], out_features)
+    _check_adapter_arguments(
+        x if parallel else h, down_weight, down_bias, up_weight, up_bias, h if parallel else None
+    )
+
+
+def linear_adapter(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    scaling: float,
+    activation: str,
+    parallel: bool = False,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """A linear layer with an adapter after it: h = x W^T + b, then
+    `adapter_bottleneck(h, ...)` (sequential: h + scaling * (act(h D^T + b_d) U^T + b_u)) or,
+    `parallel`, `adapter_bottleneck(x, ..., residual=h)`, the adapter reading the layer's input.
+
+    weight: [out, in], or [in, out] with `fan_in_fan_out` (transformers' Conv1D). The result is
+    the two calls' own; on the cpp backend, outside autocast and with one dtype, it is one op
+    of the extension with one autograd node (csrc/autograd.cpp), which spares the host time of
+    the linear's call and of a second op.
+    """
+    activation = canonical_activation(activation)
+    tensors = (x, weight, bias, down_weight, down_bias, up_weight, up_bias)
+    device = x.device
+    if (
+        autocast_dtype(device) is None
+        and resolve_backend(device, x.dtype) == "cpp"
+        and _all_of_dtype(x.dtype, tensors)
+        and eager_path(*tensors)
+        and not verification.may_route(device)
+    ):
+        try:
+            return cpp_backend.linear_adapter(
+                *tensors, float(scaling), activation, parallel, fan_in_fan_out
+            )
+        except RuntimeError:
+            _check_linear_adapter_arguments(*tensors, parallel, fan_in_fan_out)
+            raise
+    try:
+        h = torch.nn.functional.linear(x, weight.t() if fan_in_fan_out else weight, bias)
+    except RuntimeError:
+        _check_linear_adapter_arguments(*tensors, parallel, fan_in_fan_out)
+        raise
+    adapter = (down_weight, down_bias, up_weight, up_bias, scaling, activation)
+    if parallel:
+        return adapter_bottleneck(x, *adapter, residual=h)
+    return adapter_bottleneck(h, *adapter)
+
+
+def _all_of_dtype(dtype: torch.dtype, tensors) -> bool:
+    """Whether every tensor of `tensors` (None skipped) has `dtype`."""
+    for tensor in tensors:  # noqa: SIM110 (a loop: see eager_path)
+        if tensor is not None and tensor.dtype != dtype:
+            return False
+    return True
+
+
 def backend_description(op: str, device: torch.device, dtype: torch.dtype, **features) -> str:
     """The backend that runs `op` ("lora", "dora" or "adapter") on `dtype` tensors on `device`, and
     where its variants with these `features` (e.g. in_features=768, rank=8) run that failed
@@ -366,6 +454,7 @@ __all__ = [
     "dora_row_norms_squared",
     "dora_weight_norm",
     "get_backend",
+    "linear_adapter",
     "lora_linear",
     "multi_lora_linear",
     "resolve_backend",

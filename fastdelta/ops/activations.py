@@ -46,6 +46,8 @@ ALIASES = {"swish": "silu", "gelu_tanh": "gelu_new", "gelu_pytorch_tanh": "gelu_
 
 def canonical_activation(name: str) -> str:
     """The canonical name of an activation (`swish` -> `silu`); raises on an unknown one."""
+    if name in ACTIVATIONS:  # the ops' every call: one lookup (a canonical name stays itself)
+        return name
     if not isinstance(name, str):
         raise TypeError(f"non_linearity must be a string, got {type(name).__name__}")
     key = name.lower()

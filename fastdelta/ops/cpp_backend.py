@@ -151,6 +151,27 @@ def adapter_bottleneck(
     )
 
 
+def linear_adapter(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    scaling: float,
+    activation: str,
+    parallel: bool,
+    fan_in_fan_out: bool,
+) -> torch.Tensor:
+    """A linear layer and its adapter as one differentiable op: `fastdelta.ops.linear_adapter`
+    on this backend (csrc/autograd.cpp)."""
+    return _op("linear_adapter")(
+        x, weight, bias, down_weight, down_bias, up_weight, up_bias, scaling, activation,
+        parallel, fan_in_fan_out,
+    )  # fmt: skip
+
+
 def adapter_backward(
     grad_out: torch.Tensor,
     h: torch.Tensor,
