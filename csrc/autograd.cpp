@@ -28,12 +28,12 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/EmptyTensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "common.h"
+#include "dispatch.h"
 
 namespace fastdelta {
 namespace {
@@ -55,14 +55,6 @@ using AdapterForward = std::tuple<at::Tensor, at::Tensor>(
 using AdapterBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, double, c10::string_view, bool, std::array<bool, 5>);
-
-// The fastdelta_C op `name`, looked up once: each Signature above is one op's.
-template <typename Signature>
-const c10::TypedOperatorHandle<Signature>& op(const char* name) {
-  static const auto handle =
-      c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-  return handle;
-}
 
 // Which arguments of a forward need a gradient, by position: `present[i]` says whether argument
 // i was given (an absent optional tensor has no edge in the graph, so edges skip it).

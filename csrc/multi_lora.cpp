@@ -22,10 +22,10 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "common.h"
+#include "dispatch.h"
 
 namespace fastdelta {
 namespace {
@@ -75,11 +75,9 @@ std::pair<std::vector<Span>, int64_t> segments(const at::Tensor& starts, int64_t
 
 // The extension's LoRA keep-mask for an [m, k] input.
 at::Tensor keep_mask(const at::Tensor& seed, int64_t m, int64_t k, double p) {
-  static const auto handle =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastdelta_C::dropout_keep_mask", "")
-          .typed<at::Tensor(const at::Tensor&, at::IntArrayRef, double)>();
-  return handle.call(seed, {m, k}, p);
+  return op<at::Tensor(const at::Tensor&, at::IntArrayRef, double)>(
+             "fastdelta_C::dropout_keep_mask")
+      .call(seed, {m, k}, p);
 }
 
 at::Tensor rows_of(const at::Tensor& t, const Span& span) {

@@ -48,6 +48,7 @@ def fresh_extension(monkeypatch, tmp_path):
     monkeypatch.setattr(_extension, "PREBUILT_DIR", tmp_path / "package")
     monkeypatch.setattr(_extension, "_state", _extension._NOT_TRIED)
     monkeypatch.setattr(_extension, "_settings", None)
+    monkeypatch.setattr(_extension, "entry_points", _extension.entry_points)
     monkeypatch.setattr(backend_selection, "_logged_fallbacks", set())
     monkeypatch.setattr(backend_selection, "_resolved", {})
     monkeypatch.setattr(backend_selection, "_setting", None)
@@ -256,6 +257,7 @@ def test_auto_uses_an_extension_that_is_built(no_build, monkeypatch):
     loaded = []
     monkeypatch.setattr(_extension, "built_library", lambda settings: library)
     monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    monkeypatch.setattr(_extension, "_import_entry_points", lambda library: None)
     monkeypatch.setattr(_extension, "cuda_kernels_reason", lambda: None)
     assert resolve_backend("cuda", torch.float16) == "cpp"
     assert loaded == [str(library)] and _extension._state is None

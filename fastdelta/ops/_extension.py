@@ -19,6 +19,8 @@ the same sources with the same flags.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import shlex
@@ -38,7 +40,14 @@ LOG_TAIL_LINES = 25
 # The file in a build directory that names the library once the build is complete.
 COMPLETE_MARKER = "complete"
 
-CPU_SOURCES = ("ops.cpp", "autograd.cpp", "multi_lora.cpp", "cpu/lora.cpp", "cpu/adapter.cpp")
+CPU_SOURCES = (
+    "ops.cpp",
+    "autograd.cpp",
+    "multi_lora.cpp",
+    "python.cpp",
+    "cpu/lora.cpp",
+    "cpu/adapter.cpp",
+)
 # The CUDA ops: ATen-level code in .cpp files (host compiler), kernels in .cu files (nvcc).
 CUDA_SOURCES = (
     "cuda/lora_cuda.cpp",
@@ -46,7 +55,7 @@ CUDA_SOURCES = (
     "cuda/lora_kernels.cu",
     "cuda/adapter_kernels.cu",
 )
-HEADERS = ("host_device.h", "common.h", "dropout.h", "activations.h")
+HEADERS = ("host_device.h", "common.h", "dispatch.h", "dropout.h", "activations.h")
 CUDA_HEADERS = ("cuda/launch.h", "cuda/tensor_args.h", "cuda/tile_matmul.cuh")
 # -fopenmp: at::parallel_for is an inline OpenMP loop, serial when compiled without it.
 CXX_FLAGS = ("-O3", "-fopenmp")
@@ -173,8 +182,8 @@ def _log_tail(log: str) -> str:
 
 
 def _compile(settings: BuildSettings, directory: Path) -> Path:
-    """Compile the extension into `directory` and load it; raise ExtensionUnavailable with the
-    tail of the build log when that fails."""
+    """Compile the extension into `directory` and load it (its entry points too); raise
+    ExtensionUnavailable with the tail of the build log when that fails."""
     from torch.utils import cpp_extension
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -203,6 +212,7 @@ def _compile(settings: BuildSettings, directory: Path) -> Path:
             f"{_log_tail(str(error))}"
         ) from error
     library = Path(library)
+    _import_entry_points(library)
     # Written last: a build directory without it is not (yet) a complete build.
     (directory / COMPLETE_MARKER).write_text(library.name)
     return library
@@ -229,11 +239,25 @@ def _load(settings: BuildSettings) -> Path:
             raise ExtensionUnavailable(problem)
         return _compile(settings, build_directory(settings))
     torch.ops.load_library(str(library))
+    _import_entry_points(library)
     return library
+
+
+def _import_entry_points(library: Path) -> None:
+    """Import the Python module of the loaded library: its functions call the differentiable ops
+    with less host time than torch.ops does (see csrc/python.cpp)."""
+    global entry_points
+    loader = importlib.machinery.ExtensionFileLoader(LIBRARY, str(library))
+    spec = importlib.util.spec_from_file_location(LIBRARY, str(library), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    entry_points = module
 
 
 _NOT_TRIED = object()
 _state: object | str | None = _NOT_TRIED  # None once loaded, else why not
+# The extension's Python module (csrc/python.cpp), once it is loaded.
+entry_points = None
 _settings: BuildSettings | None = None
 
 
@@ -281,7 +305,8 @@ def unbuilt_reason() -> str | None:
         )
     try:
         torch.ops.load_library(str(library))
-    except (OSError, RuntimeError) as error:
+        _import_entry_points(library)
+    except (OSError, RuntimeError, ImportError) as error:
         _state = f"the C++ extension ({LIBRARY}) is unavailable: loading {library} failed: {error}"
     else:
         logger.debug("Loaded %s from %s", LIBRARY, library)

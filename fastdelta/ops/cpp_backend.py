@@ -19,17 +19,20 @@ why this is still the fallback.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
-from fastdelta.ops import dora_composed
+from fastdelta.ops import _extension, dora_composed
 
 
 @functools.cache
-def _op(name: str) -> torch._ops.OpOverload:
-    """The extension's op `name` as its one overload: called directly, it skips the overload
+def _op(name: str) -> Callable:
+    """The extension's op `name`: its Python entry point where it has one (the differentiable
+    ops, see csrc/python.cpp), else its one overload, which called directly skips the overload
     packet's resolution, a fifth of a small forward's host time (measured on the CPU)."""
-    return getattr(torch.ops.fastdelta_C, name).default
+    entry_point = getattr(_extension.entry_points, name, None)
+    return entry_point or getattr(torch.ops.fastdelta_C, name).default
 
 
 def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, ...], p: float) -> torch.Tensor:
