@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastdelta import ops
-from fastdelta.layers.base import DeltaLayer, parameter
+from fastdelta.layers.base import DeltaLayer, linear_parameters
 from fastdelta.ops.eager import autocast_dtype
 from fastdelta.pseudo_input import plain_linear_layout
 
@@ -76,8 +76,7 @@ class AdapterDelta(DeltaLayer):
         of both (fastdelta.injection.RUNS_ITS_HOST)."""
         return ops.linear_adapter(
             x,
-            parameter(host, "weight"),
-            parameter(host, "bias"),
+            *linear_parameters(host),
             *self._weights(),
             self.scaling,
             self.activation,

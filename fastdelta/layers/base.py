@@ -48,6 +48,15 @@ def parameter(module: nn.Module, name: str):
     return getattr(module, name) if value is _MISSING else value
 
 
+def linear_parameters(host: nn.Module) -> tuple:
+    """(weight, bias) of a linear host, read from its parameter dictionary in one go (see
+    `parameter`): bias None where the layer has none."""
+    own = host._parameters
+    if "weight" in own:
+        return own["weight"], own.get("bias")
+    return parameter(host, "weight"), parameter(host, "bias")
+
+
 def attached_deltas(host: nn.Module) -> tuple[tuple[str, str | None], ...]:
     """(delta name, role) of each delta attached to `host`."""
     return host.__dict__.get(ATTACHED_DELTAS, ())

@@ -10,7 +10,7 @@ from torch import nn
 
 from fastdelta import ops
 from fastdelta.injection import RUNS_IN_PLACE, original_class
-from fastdelta.layers.base import DeltaLayer, parameter
+from fastdelta.layers.base import DeltaLayer, linear_parameters
 from fastdelta.layers.dora_norm import BaseRowNorms
 
 # How a DoRA delta applies dropout: "peft", PEFT's form (the base product takes the dropped
@@ -174,15 +174,21 @@ class LoraDelta(_LowRank, DeltaLayer):
             self._check_not_training_merged()
             weight = host.weight.t() if self.fan_in_fan_out else host.weight
             return F.linear(x, weight, host.bias)
-        # `parameter`: straight from the parameter dictionaries (see layers.base).
-        if parameter(self, "lora_magnitude_vector") is not None:
+        # Straight from the parameter dictionaries (see layers.base.parameter); a DataParallel
+        # replica holds its parameters as attributes.
+        own = self._parameters
+        if "lora_A" in own:
+            lora_A, lora_B = own["lora_A"], own["lora_B"]
+            magnitude = own.get("lora_magnitude_vector")
+        else:
+            lora_A, lora_B, magnitude = self.lora_A, self.lora_B, self.lora_magnitude_vector
+        if magnitude is not None:
             return self._dora_forward(host, x)
         return ops.lora_linear(
             x,
-            parameter(host, "weight"),
-            parameter(host, "bias"),
-            parameter(self, "lora_A"),
-            parameter(self, "lora_B"),
+            *linear_parameters(host),
+            lora_A,
+            lora_B,
             self.scaling,
             self.dropout if self.training else 0.0,
             self.fan_in_fan_out,
@@ -194,7 +200,7 @@ class LoraDelta(_LowRank, DeltaLayer):
         dropout, or with the "low_rank" dropout form, the fused `ops.dora_linear`; with dropout
         in PEFT's form (the default), eager PyTorch, whose base product takes the dropped input
         too: x W^T + b + (k - 1) drop(x) W^T + k s drop(x) A^T B^T."""
-        weight, bias = parameter(host, "weight"), parameter(host, "bias")
+        weight, bias = linear_parameters(host)
         magnitude = self.lora_magnitude_vector
         dropout = self.dropout if self.training else 0.0
         if dropout == 0 or self.dora_dropout == "low_rank":
