@@ -1,25 +1,33 @@
-// The cpp backend's ops with their derivatives, for eager mode: fastdelta_C::lora_linear and
-// fastdelta_C::adapter_bottleneck check their arguments, run the forward op, and record one
-// autograd node whose backward runs the backward op. A call from Python is then one dispatcher
-// call with no Python in the forward or the backward: on one CPU thread, a [4, 64] input, a
-// 64x64 weight and r = 8, the LoRA linear's forward took 19 us through a Python
-// autograd.Function around the forward op and 11 us here; forward and backward (the gradients
-// of x, A and B) 89 us and 71 us.
+// The cpp backend's ops with their derivatives, for eager mode: fastdelta_C::lora_linear,
+// fastdelta_C::adapter_bottleneck and fastdelta_C::linear_adapter check their arguments, run the
+// forward op, and record one autograd node whose backward runs the backward op. A call from
+// Python is then one dispatcher call with no Python in the forward or the backward: on one CPU
+// thread, a [4, 64] input, a 64x64 weight and r = 8, the LoRA linear's forward took 19 us
+// through a Python autograd.Function around the forward op and 11 us here; forward and backward
+// (the gradients of x, A and B) 89 us and 71 us.
+//
+// The nodes are Node subclasses with their saved tensors and arguments as members, as
+// PyTorch's generated nodes are, not torch::autograd::Function's CppNode with its context and
+// its saved_data dictionary: a call that saves four tensors took 30.0 us forward and backward
+// through a Function, 23.9 us through such a node (one CPU thread). SavedVariable checks each
+// saved tensor's version when the backward unpacks it and applies saved_tensors_hooks, the
+// backward computes the gradients this backward asks for (task_should_compute_output), and
+// release_variables frees the saved tensors after a backward without retain_graph.
 //
 // fastdelta_C::linear_adapter is a linear layer with the adapter after it as one node: an
 // adapter on an nn.Linear or Conv1D, called by its host's forward as LoRA is, costs that
 // forward one dispatcher call instead of the linear's, the adapter module's and the op's.
 //
 // The kernels are registered for the Autograd key, so they run for every device whose forward
-// and backward ops have kernels (CPU, and CUDA where it is built); tensors made under
-// torch.inference_mode have no Autograd key and take the forward-only kernels registered as
-// CompositeExplicitAutograd. torch.compile, FakeTensor
-// and tensor subclasses use the Python custom ops of fastdelta.ops instead, which call the same
-// forward and backward ops.
+// and backward ops have kernels (CPU, and CUDA where it is built), and as
+// CompositeExplicitAutograd for tensors made under torch.inference_mode, which have no Autograd
+// key (and never need a node). torch.compile, FakeTensor and tensor subclasses use the Python
+// custom ops of fastdelta.ops instead, which call the same forward and backward ops.
 //
 // The checks are the whole of what fastdelta.ops checks in Python, as cheap integer
 // comparisons: a call that fails one raises here, and fastdelta.ops then re-runs its own check
 // to raise the error that names the argument and the fix.
+#include <algorithm>
 #include <array>
 #include <mutex>
 #include <optional>
@@ -29,7 +37,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/record_function.h>
-#include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -38,7 +48,8 @@
 namespace fastdelta {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 using LoraForward = std::tuple<at::Tensor, at::Tensor>(
@@ -56,17 +67,22 @@ using AdapterBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, double, c10::string_view, bool, std::array<bool, 5>);
 
-// Which arguments of a forward need a gradient, by position: `present[i]` says whether argument
-// i was given (an absent optional tensor has no edge in the graph, so edges skip it).
+// The gradients a node's backward computes: of the inputs whose edge is valid and on the path
+// of this backward (torch.autograd.grad of some inputs only skips the others).
 template <size_t N>
-std::array<bool, N> needs_by_argument(const AutogradContext* ctx,
-                                      const std::array<bool, N>& present) {
+std::array<bool, N> needed_grads(const Node& node) {
   std::array<bool, N> needs{};
-  size_t edge = 0;
-  for (size_t i = 0; i < N; ++i) {
-    if (present[i]) needs[i] = ctx->needs_input_grad(edge++);
-  }
+  for (size_t i = 0; i < N; ++i) needs[i] = node.task_should_compute_output(i);
   return needs;
+}
+
+// Makes `node` the grad_fn of `output`, with an edge to each differentiable input in order (an
+// absent optional input has an invalid edge). Called only where compute_requires_grad holds.
+template <typename... Inputs>
+void record(const c10::intrusive_ptr<Node>& node, const at::Tensor& output,
+            const Inputs&... inputs) {
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+  torch::autograd::set_history(output, node);
 }
 
 void check_same(const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& x) {
@@ -141,79 +157,71 @@ at::Tensor draw_seed(const at::Tensor& x) {
   return seed;
 }
 
-class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                            const at::Tensor& lora_B, const std::optional<at::Tensor>& seed,
-                            double scaling, double dropout_p, bool fan_in_fan_out) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, xa] = op<LoraForward>("fastdelta_C::lora_forward")
-                       .call(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p,
-                             fan_in_fan_out);
-    ctx->save_for_backward({x, weight, lora_A, lora_B, xa, seed.value_or(at::Tensor())});
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["fan_in_fan_out"] = fan_in_fan_out;
-    ctx->saved_data["has_bias"] = bias.has_value();
-    return y;
-  }
+// The backward node of one lora_linear call (see the top of the file).
+struct LoraLinearBackward : public Node {
+  SavedVariable x, weight, lora_A, lora_B, xa, seed;
+  double scaling = 0, dropout_p = 0;
+  bool fan_in_fan_out = false;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+  std::string name() const override { return "LoraLinearBackward"; }
+
+  // Gradients of (x, weight, bias, lora_A, lora_B).
+  variable_list apply(variable_list&& grads) override {
     RECORD_FUNCTION("fastdelta::lora_linear_backward", c10::ArrayRef<const c10::IValue>{});
-    const variable_list saved = ctx->get_saved_variables();
-    const auto needs = needs_by_argument<5>(
-        ctx, {true, true, ctx->saved_data["has_bias"].toBool(), true, true});
-    const std::optional<at::Tensor> seed =
-        saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto needs = needed_grads<5>(*this);
+    if (!grads[0].defined() || std::none_of(needs.begin(), needs.end(), [](bool b) { return b; })) {
+      return variable_list(5);
+    }
+    const at::Tensor mask_seed = seed.unpack();
     auto [grad_x, grad_weight, grad_bias, grad_A, grad_B] =
         op<LoraBackward>("fastdelta_C::lora_backward")
-            .call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], seed,
-                  ctx->saved_data["scaling"].toDouble(), ctx->saved_data["dropout_p"].toDouble(),
-                  ctx->saved_data["fan_in_fan_out"].toBool(), needs);
-    // No gradients for the seed, scaling, dropout_p and fan_in_fan_out.
-    return {grad_x, grad_weight, grad_bias, grad_A, grad_B, {}, {}, {}, {}};
+            .call(grads[0], x.unpack(), weight.unpack(), lora_A.unpack(), lora_B.unpack(),
+                  xa.unpack(),
+                  mask_seed.defined() ? std::optional<at::Tensor>(mask_seed) : std::nullopt,
+                  scaling, dropout_p, fan_in_fan_out, needs);
+    return {grad_x, grad_weight, grad_bias, grad_A, grad_B};
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved : {&x, &weight, &lora_A, &lora_B, &xa, &seed}) saved->reset_data();
   }
 };
 
-class AdapterBottleneckFunction : public torch::autograd::Function<AdapterBottleneckFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h,
-                            const at::Tensor& down_weight,
-                            const std::optional<at::Tensor>& down_bias,
-                            const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
-                            const std::optional<at::Tensor>& residual, double scaling,
-                            c10::string_view activation) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, pre] = op<AdapterForward>("fastdelta_C::adapter_forward")
-                          .call(h, down_weight, down_bias, up_weight, up_bias, residual, scaling,
-                                activation);
-    ctx->save_for_backward({h, down_weight, up_weight, pre});
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["present"] = c10::List<bool>(
-        {down_bias.has_value(), up_bias.has_value(), residual.has_value()});
-    return out;
-  }
+// The backward node of one adapter_bottleneck call.
+struct AdapterBottleneckBackward : public Node {
+  SavedVariable h, down_weight, up_weight, pre;
+  double scaling = 0;
+  std::string activation;
+  bool sequential = true;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+  std::string name() const override { return "AdapterBottleneckBackward"; }
+
+  // Gradients of (h, down_weight, down_bias, up_weight, up_bias, residual).
+  variable_list apply(variable_list&& grads) override {
     RECORD_FUNCTION("fastdelta::adapter_bottleneck_backward",
                     c10::ArrayRef<const c10::IValue>{});
-    const variable_list saved = ctx->get_saved_variables();
-    const c10::List<bool> present = ctx->saved_data["present"].toBoolList();
-    const auto needs = needs_by_argument<6>(
-        ctx, {true, true, present[0], true, present[1], present[2]});
-    const bool sequential = !present[2];
-    const std::string activation = ctx->saved_data["activation"].toStringRef();
-    auto [grad_h, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias] =
-        op<AdapterBackward>("fastdelta_C::adapter_backward")
-            .call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
-                  ctx->saved_data["scaling"].toDouble(), activation, sequential,
-                  {needs[0], needs[1], needs[2], needs[3], needs[4]});
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto needs = needed_grads<6>(*this);
+    if (!grads[0].defined()) return variable_list(6);
+    at::Tensor grad_h, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias;
+    if (needs[0] || needs[1] || needs[2] || needs[3] || needs[4]) {
+      std::tie(grad_h, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias) =
+          op<AdapterBackward>("fastdelta_C::adapter_backward")
+              .call(grads[0], h.unpack(), down_weight.unpack(), up_weight.unpack(),
+                    pre.unpack(), scaling, activation, sequential,
+                    {needs[0], needs[1], needs[2], needs[3], needs[4]});
+    }
     // A parallel adapter's residual receives grad_out unchanged.
-    const at::Tensor grad_residual = needs[5] ? grad_outputs[0] : at::Tensor();
+    const at::Tensor grad_residual = needs[5] ? grads[0] : at::Tensor();
     return {grad_h, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias,
-            grad_residual, {}, {}};
+            grad_residual};
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved : {&h, &down_weight, &up_weight, &pre}) saved->reset_data();
   }
 };
 
@@ -259,75 +267,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_adapter_2d(
   return {out, h, pre};
 }
 
-// A linear layer (nn.Linear, or Conv1D with fan_in_fan_out) and the adapter after it, as one
-// node: the layer's own product is the adapter's input (sequential) or its residual (parallel,
-// the adapter reading x). The node saves what the two would save apart: the adapter's input and
-// pre-activation, the weights, and x only where a gradient needs it.
-class LinearAdapterFunction : public torch::autograd::Function<LinearAdapterFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias,
-                            const at::Tensor& down_weight,
-                            const std::optional<at::Tensor>& down_bias,
-                            const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
-                            double scaling, c10::string_view activation, bool parallel,
-                            bool fan_in_fan_out) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const int64_t K = x.size(-1);
-    auto [out, h, pre] =
-        linear_adapter_2d(as_2d(x, K), weight, bias, down_weight, down_bias, up_weight, up_bias, scaling, activation, parallel,
-                          fan_in_fan_out);
-    // x is the adapter's input (parallel), or read by the weight's gradient alone.
-    const bool keep_x = parallel || weight.requires_grad();
-    ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, parallel ? at::Tensor() : h,
-                            down_weight, up_weight, pre});
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["flags"] = c10::List<bool>(
-        {bias.has_value(), down_bias.has_value(), up_bias.has_value(), parallel, fan_in_fan_out});
-    return like_rows_of(out, x, out.size(1));
-  }
+// The backward node of one linear_adapter call: a linear layer (nn.Linear, or Conv1D with
+// fan_in_fan_out) and the adapter after it, the layer's own product the adapter's input
+// (sequential) or its residual (parallel, the adapter reading x). It keeps what the two would
+// keep apart: the adapter's input and pre-activation, the weights, and x only where a gradient
+// needs it.
+struct LinearAdapterBackward : public Node {
+  SavedVariable x, weight, h, down_weight, up_weight, pre;
+  double scaling = 0;
+  std::string activation;
+  bool parallel = false, fan_in_fan_out = false;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+  std::string name() const override { return "LinearAdapterBackward"; }
+
+  // Gradients of (x, weight, bias, down_weight, down_bias, up_weight, up_bias).
+  variable_list apply(variable_list&& grads) override {
     RECORD_FUNCTION("fastdelta::linear_adapter_backward", c10::ArrayRef<const c10::IValue>{});
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &h = saved[2];
-    const c10::List<bool> flags = ctx->saved_data["flags"].toBoolList();
-    const bool parallel = flags[3], fan_in_fan_out = flags[4];
-    const auto needs = needs_by_argument<7>(ctx, {true, true, flags[0], true, flags[1], true,
-                                                  flags[2]});
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto needs = needed_grads<7>(*this);
     const auto [need_x, need_weight, need_bias] = std::tuple(needs[0], needs[1], needs[2]);
-    const at::Tensor grad2d = as_2d(grad_outputs[0], grad_outputs[0].size(-1));
-    const at::Tensor w = base_weight(weight, fan_in_fan_out);  // [N, K]
+    if (!grads[0].defined()) return variable_list(7);
+    const at::Tensor grad2d = as_2d(grads[0], grads[0].size(-1));
+    const at::Tensor w = base_weight(weight.unpack(), fan_in_fan_out);  // [N, K]
     const int64_t K = w.size(1);
-    const at::Tensor x2d = x.defined() ? as_2d(x, K) : at::Tensor();
+    const at::Tensor x_saved = x.unpack();
+    const at::Tensor x2d = x_saved.defined() ? as_2d(x_saved, K) : at::Tensor();
     // The adapter's input gradient: dh (sequential, the residual path included), or its part
     // of dx (parallel).
     const bool need_input = parallel ? need_x : need_x || need_weight || need_bias;
     auto [grad_input, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias] =
         op<AdapterBackward>("fastdelta_C::adapter_backward")
-            .call(grad2d, parallel ? x2d : h, saved[3], saved[4], saved[5],
-                  ctx->saved_data["scaling"].toDouble(),
-                  ctx->saved_data["activation"].toStringRef(), !parallel,
+            .call(grad2d, parallel ? x2d : h.unpack(), down_weight.unpack(), up_weight.unpack(),
+                  pre.unpack(), scaling, activation, !parallel,
                   {need_input, needs[3], needs[4], needs[5], needs[6]});
     // The gradient reaching the linear layer's output.
     const at::Tensor grad_h = parallel ? grad2d : grad_input;
     at::Tensor grad_x;
     if (need_x) {
       grad_x = parallel ? at::addmm(grad_input, grad_h, w) : at::mm(grad_h, w);
-      grad_x = like_rows_of(grad_x, grad_outputs[0], K);
+      grad_x = like_rows_of(grad_x, grads[0], K);
     }
     auto [grad_weight, grad_bias] =
         base_grads(grad_h, x2d, fan_in_fan_out, need_weight, need_bias);
     return {grad_x, grad_weight, grad_bias, grad_down_weight, grad_down_bias, grad_up_weight,
-            grad_up_bias, {}, {}, {}, {}};
+            grad_up_bias};
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved : {&x, &weight, &h, &down_weight, &up_weight, &pre}) {
+      saved->reset_data();
+    }
   }
 };
 
-at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                const at::Tensor& lora_B, const std::optional<at::Tensor>& seed,
-                                double scaling, double dropout_p, bool fan_in_fan_out) {
+// The ops' kernels, for the Autograd key and, unchanged, for tensors without autograd (made under
+// torch.inference_mode), which skip the Autograd kernels: the checks, the forward op below
+// autograd, and a backward node where a gradient may be asked for.
+
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                       const at::Tensor& lora_B, const std::optional<at::Tensor>& seed,
+                       double scaling, double dropout_p, bool fan_in_fan_out) {
   // Named as the Python op is, so a profile reads the same on either path.
   RECORD_FUNCTION("fastdelta::lora_linear", c10::ArrayRef<const c10::IValue>{});
   check_lora_call(x, weight, bias, lora_A, lora_B, seed, dropout_p, fan_in_fan_out);
@@ -336,97 +337,108 @@ at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
     // Drawn as fastdelta.ops draws it, from torch's generator for x's device.
     mask_seed = seed.has_value() ? *seed : draw_seed(x);
   }
-  return LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, mask_seed, scaling,
-                                   dropout_p, fan_in_fan_out);
+  at::Tensor y, xa;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(y, xa) = op<LoraForward>("fastdelta_C::lora_forward")
+                          .call(x, weight, bias, lora_A, lora_B, mask_seed, scaling, dropout_p,
+                                fan_in_fan_out);
+  }
+  if (torch::autograd::compute_requires_grad(x, weight, bias, lora_A, lora_B)) {
+    const auto node = c10::make_intrusive<LoraLinearBackward>();
+    node->x = SavedVariable(x, false);
+    node->weight = SavedVariable(weight, false);
+    node->lora_A = SavedVariable(lora_A, false);
+    node->lora_B = SavedVariable(lora_B, false);
+    node->xa = SavedVariable(xa, false);
+    node->seed = SavedVariable(mask_seed.value_or(at::Tensor()), false);
+    node->scaling = scaling;
+    node->dropout_p = dropout_p;
+    node->fan_in_fan_out = fan_in_fan_out;
+    record(node, y, x, weight, bias, lora_A, lora_B);
+  }
+  return y;
 }
 
-at::Tensor adapter_bottleneck_autograd(const at::Tensor& h, const at::Tensor& down_weight,
-                                       const std::optional<at::Tensor>& down_bias,
-                                       const at::Tensor& up_weight,
-                                       const std::optional<at::Tensor>& up_bias,
-                                       const std::optional<at::Tensor>& residual, double scaling,
-                                       c10::string_view activation) {
+at::Tensor adapter_bottleneck(const at::Tensor& h, const at::Tensor& down_weight,
+                              const std::optional<at::Tensor>& down_bias,
+                              const at::Tensor& up_weight,
+                              const std::optional<at::Tensor>& up_bias,
+                              const std::optional<at::Tensor>& residual, double scaling,
+                              c10::string_view activation) {
   RECORD_FUNCTION("fastdelta::adapter_bottleneck", c10::ArrayRef<const c10::IValue>{});
   check_adapter_call(h, down_weight, down_bias, up_weight, up_bias, residual);
   parse_activation(std::string(activation));
-  return AdapterBottleneckFunction::apply(h, down_weight, down_bias, up_weight, up_bias, residual,
-                                          scaling, activation);
+  at::Tensor out, pre;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(out, pre) = op<AdapterForward>("fastdelta_C::adapter_forward")
+                             .call(h, down_weight, down_bias, up_weight, up_bias, residual,
+                                   scaling, activation);
+  }
+  if (torch::autograd::compute_requires_grad(h, down_weight, down_bias, up_weight, up_bias,
+                                             residual)) {
+    const auto node = c10::make_intrusive<AdapterBottleneckBackward>();
+    node->h = SavedVariable(h, false);
+    node->down_weight = SavedVariable(down_weight, false);
+    node->up_weight = SavedVariable(up_weight, false);
+    node->pre = SavedVariable(pre, false);
+    node->scaling = scaling;
+    node->activation = std::string(activation);
+    node->sequential = !residual.has_value();
+    record(node, out, h, down_weight, down_bias, up_weight, up_bias, residual);
+  }
+  return out;
 }
 
-at::Tensor linear_adapter_autograd(const at::Tensor& x, const at::Tensor& weight,
-                                   const std::optional<at::Tensor>& bias,
-                                   const at::Tensor& down_weight,
-                                   const std::optional<at::Tensor>& down_bias,
-                                   const at::Tensor& up_weight,
-                                   const std::optional<at::Tensor>& up_bias, double scaling,
-                                   c10::string_view activation, bool parallel,
-                                   bool fan_in_fan_out) {
+at::Tensor linear_adapter(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& down_weight,
+                          const std::optional<at::Tensor>& down_bias,
+                          const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
+                          double scaling, c10::string_view activation, bool parallel,
+                          bool fan_in_fan_out) {
   RECORD_FUNCTION("fastdelta::linear_adapter", c10::ArrayRef<const c10::IValue>{});
   check_linear_adapter_call(x, weight, bias, fan_in_fan_out);
   parse_activation(std::string(activation));
-  return LinearAdapterFunction::apply(x, weight, bias, down_weight, down_bias, up_weight, up_bias,
-                                      scaling, activation, parallel, fan_in_fan_out);
-}
-
-// The same ops on tensors without autograd (made under torch.inference_mode), which skip the
-// Autograd kernels above: the checks and the forward op, no graph.
-
-at::Tensor lora_linear_inference(const at::Tensor& x, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                 const at::Tensor& lora_B, const std::optional<at::Tensor>& seed,
-                                 double scaling, double dropout_p, bool fan_in_fan_out) {
-  RECORD_FUNCTION("fastdelta::lora_linear", c10::ArrayRef<const c10::IValue>{});
-  check_lora_call(x, weight, bias, lora_A, lora_B, seed, dropout_p, fan_in_fan_out);
-  std::optional<at::Tensor> mask_seed;
-  if (dropout_p > 0) mask_seed = seed.has_value() ? *seed : draw_seed(x);
-  return std::get<0>(op<LoraForward>("fastdelta_C::lora_forward")
-                         .call(x, weight, bias, lora_A, lora_B, mask_seed, scaling, dropout_p,
-                               fan_in_fan_out));
-}
-
-at::Tensor adapter_bottleneck_inference(const at::Tensor& h, const at::Tensor& down_weight,
-                                        const std::optional<at::Tensor>& down_bias,
-                                        const at::Tensor& up_weight,
-                                        const std::optional<at::Tensor>& up_bias,
-                                        const std::optional<at::Tensor>& residual,
-                                        double scaling, c10::string_view activation) {
-  RECORD_FUNCTION("fastdelta::adapter_bottleneck", c10::ArrayRef<const c10::IValue>{});
-  check_adapter_call(h, down_weight, down_bias, up_weight, up_bias, residual);
-  parse_activation(std::string(activation));
-  return std::get<0>(op<AdapterForward>("fastdelta_C::adapter_forward")
-                         .call(h, down_weight, down_bias, up_weight, up_bias, residual, scaling,
-                               activation));
-}
-
-at::Tensor linear_adapter_inference(const at::Tensor& x, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias,
-                                    const at::Tensor& down_weight,
-                                    const std::optional<at::Tensor>& down_bias,
-                                    const at::Tensor& up_weight,
-                                    const std::optional<at::Tensor>& up_bias, double scaling,
-                                    c10::string_view activation, bool parallel,
-                                    bool fan_in_fan_out) {
-  RECORD_FUNCTION("fastdelta::linear_adapter", c10::ArrayRef<const c10::IValue>{});
-  check_linear_adapter_call(x, weight, bias, fan_in_fan_out);
-  parse_activation(std::string(activation));
-  const at::Tensor out = std::get<0>(
-      linear_adapter_2d(as_2d(x, x.size(-1)), weight, bias, down_weight, down_bias, up_weight,
-                        up_bias, scaling, activation, parallel, fan_in_fan_out));
-  return like_rows_of(out, x, out.size(1));
+  at::Tensor out, h, pre;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(out, h, pre) =
+        linear_adapter_2d(as_2d(x, x.size(-1)), weight, bias, down_weight, down_bias, up_weight,
+                          up_bias, scaling, activation, parallel, fan_in_fan_out);
+  }
+  out = like_rows_of(out, x, out.size(1));
+  if (torch::autograd::compute_requires_grad(x, weight, bias, down_weight, down_bias, up_weight,
+                                             up_bias)) {
+    const auto node = c10::make_intrusive<LinearAdapterBackward>();
+    // x is the adapter's input (parallel), or read by the weight's gradient alone.
+    node->x = SavedVariable(parallel || weight.requires_grad() ? x : at::Tensor(), false);
+    node->weight = SavedVariable(weight, false);
+    node->h = SavedVariable(parallel ? at::Tensor() : h, false);
+    node->down_weight = SavedVariable(down_weight, false);
+    node->up_weight = SavedVariable(up_weight, false);
+    node->pre = SavedVariable(pre, false);
+    node->scaling = scaling;
+    node->activation = std::string(activation);
+    node->parallel = parallel;
+    node->fan_in_fan_out = fan_in_fan_out;
+    record(node, out, x, weight, bias, down_weight, down_bias, up_weight, up_bias);
+  }
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdelta_C, Autograd, m) {
-  m.impl("lora_linear", &lora_linear_autograd);
-  m.impl("adapter_bottleneck", &adapter_bottleneck_autograd);
-  m.impl("linear_adapter", &linear_adapter_autograd);
+  m.impl("lora_linear", &lora_linear);
+  m.impl("adapter_bottleneck", &adapter_bottleneck);
+  m.impl("linear_adapter", &linear_adapter);
 }
 
 TORCH_LIBRARY_IMPL(fastdelta_C, CompositeExplicitAutograd, m) {
-  m.impl("lora_linear", &lora_linear_inference);
-  m.impl("adapter_bottleneck", &adapter_bottleneck_inference);
-  m.impl("linear_adapter", &linear_adapter_inference);
+  m.impl("lora_linear", &lora_linear);
+  m.impl("adapter_bottleneck", &adapter_bottleneck);
+  m.impl("linear_adapter", &linear_adapter);
 }
 
 }  // namespace fastdelta

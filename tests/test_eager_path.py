@@ -4,8 +4,11 @@ compute exactly what the custom op computes, and leave the op to compile and sub
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+import torch.utils.checkpoint
 
 import fastdelta.ops as ops
 from fastdelta.ops import eager
@@ -119,9 +122,9 @@ def cpp(use_backend):
 
 def test_on_the_cpp_backend_the_eager_path_is_one_cpp_autograd_node(cpp):
     out = ops.lora_linear(*lora_inputs(), 1.5, dropout_p=0.25)
-    assert "LoraLinearFunction" in out.grad_fn.name()
+    assert out.grad_fn.name() == "LoraLinearBackward"
     out = adapter_call(adapter_inputs())
-    assert "AdapterBottleneckFunction" in out.grad_fn.name()
+    assert out.grad_fn.name() == "AdapterBottleneckBackward"
 
 
 def test_the_cpp_eager_path_draws_the_dropout_seed_as_the_custom_op_does(cpp, monkeypatch):
@@ -139,3 +142,108 @@ def test_the_cpp_eager_path_draws_the_dropout_seed_as_the_custom_op_does(cpp, mo
     assert torch.equal(eager_out, op_out)
     for eager_grad, op_grad in zip(eager_grads, op_grads, strict=True):
         assert torch.equal(eager_grad, op_grad)
+
+
+def linear_adapter_inputs():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 24, generator=generator, requires_grad=True)
+    weight = torch.randn(20, 24, generator=generator)
+    bias = torch.randn(20, generator=generator)
+    adapter = [torch.randn(6, 20), torch.randn(6), torch.randn(20, 6), torch.randn(20)]
+    return [x, weight, bias, *(t.div(4).requires_grad_() for t in adapter)]
+
+
+def linear_adapter_call(tensors):
+    return ops.linear_adapter(*tensors, 0.5, "silu")
+
+
+NODE_CASES = pytest.mark.parametrize(
+    ("call", "make"),
+    [
+        (lora_call, lora_inputs),
+        (adapter_call, adapter_inputs),
+        (linear_adapter_call, linear_adapter_inputs),
+    ],
+    ids=["lora", "adapter", "linear_adapter"],
+)
+
+
+@NODE_CASES
+def test_the_cpp_nodes_keep_autograd_s_contract(cpp, call, make):
+    """The C++ backward nodes behave as autograd's own: a second backward needs retain_graph,
+    a saved tensor changed in place is refused, saved_tensors_hooks see every saved tensor, and
+    asking for some gradients computes those alone, equal to the full backward's."""
+    tensors = make()
+    trainable = [t for t in tensors if t.requires_grad]
+    out = call(tensors)
+    grad = torch.ones_like(out).cumsum(-1)
+    first = torch.autograd.grad(out, trainable, grad, retain_graph=True)
+    again = torch.autograd.grad(out, trainable, grad)
+    for one, other in zip(first, again, strict=True):
+        torch.testing.assert_close(one, other, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(out, trainable, grad)
+
+    some = torch.autograd.grad(call(tensors), trainable[-1:], grad)
+    torch.testing.assert_close(some[0], first[-1], rtol=0, atol=0)
+
+    out = call(tensors)
+    with torch.no_grad():
+        trainable[1].add_(1.0)  # a saved weight (lora_A, down_weight)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(grad)
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        out = call(make())
+    assert packed and all(isinstance(t, torch.Tensor) for t in packed)
+    out.backward(grad)
+
+
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+@NODE_CASES
+def test_the_cpp_nodes_under_anomaly_detection_and_checkpointing(cpp, call, make):
+    tensors = make()
+    trainable = [t for t in tensors if t.requires_grad]
+    expected = torch.autograd.grad(call(tensors).square().sum(), trainable)
+    with torch.autograd.detect_anomaly():
+        got = torch.autograd.grad(call(tensors).square().sum(), trainable)
+    checkpointed = torch.utils.checkpoint.checkpoint(
+        lambda *t: call(list(t)).square().sum(), *tensors, use_reentrant=False
+    )
+    through_checkpoint = torch.autograd.grad(checkpointed, trainable)
+    for results in (got, through_checkpoint):
+        for one, other in zip(results, expected, strict=True):
+            torch.testing.assert_close(one, other)
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_compiled_autograd_takes_the_custom_ops(cpp, kind):
+    """Under torch._dynamo's compiled autograd the ops take their custom op, whose backward
+    formula it traces (it cannot trace the cpp backend's C++ nodes); gradients are eager's."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch has no compiled_autograd._enable")
+    import fastdelta
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    if kind == "lora":
+        fastdelta.LoraModel(model, modified_modules=["0"], lora_r=2, lora_dropout=0.1)
+    else:
+        fastdelta.AdapterModel(model, modified_modules=["0"], bottleneck_dim=2)
+    x = torch.randn(3, 8)
+    grads = []
+    for compiled in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        with (
+            compiled_autograd._enable(torch.compile(backend="eager"))
+            if compiled
+            else (contextlib.nullcontext())
+        ):
+            out = model(x).square().sum()
+            out.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for eager_grad, compiled_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(compiled_grad, eager_grad)
+    torch._dynamo.reset()

@@ -13,6 +13,7 @@ backend goes one step further: its eager path is one C++ op whose autograd node 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
@@ -21,9 +22,11 @@ _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 
 def eager_path(*tensors: torch.Tensor | None) -> bool:
     """Whether an op on `tensors` may bypass its custom op: not while torch.compile (or
-    export) traces, and only for plain tensors (not FakeTensor, DTensor or other subclasses,
-    which need the op's fake kernel or its dispatch)."""
-    if torch.compiler.is_compiling():
+    export) traces, nor while compiled autograd is on (its backward graph takes the custom op's
+    formula, not the eager path's nodes: the cpp backend's C++ nodes cannot be traced), and only
+    for plain tensors (not FakeTensor, DTensor or other subclasses, which need the op's fake
+    kernel or its dispatch)."""
+    if torch.compiler.is_compiling() or _compiled_autograd_enabled():
         return False
     # A loop, not all() over a generator (ruff's SIM110): 0.23 against 0.42 us for six
     # tensors, on every call of every op.
@@ -31,6 +34,13 @@ def eager_path(*tensors: torch.Tensor | None) -> bool:
         if type(tensor) not in _PLAIN_TYPES:
             return False
     return True
+
+
+def _compiled_autograd_enabled() -> bool:
+    """Whether torch._dynamo's compiled autograd is on (a module lookup while it was never
+    imported)."""
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    return module is not None and module.compiled_autograd_enabled
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
