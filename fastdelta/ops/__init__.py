@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import torch
 
-from fastdelta.ops import cpp_backend, verification
+from fastdelta.ops import cpp_backend, reference, verification
 from fastdelta.ops.activations import canonical_activation
 from fastdelta.ops.adapter import adapter_bottleneck_eager, adapter_bottleneck_op
-from fastdelta.ops.backend import get_backend, resolve_backend, set_backend
+from fastdelta.ops.backend import backend_module, get_backend, resolve_backend, set_backend
 from fastdelta.ops.dora import dora_linear_eager, dora_linear_op
 from fastdelta.ops.dora import row_norms_squared as dora_row_norms_squared
 from fastdelta.ops.dora import weight_norm as dora_weight_norm
-from fastdelta.ops.eager import autocast_dtype, cast_operands, eager_path
+from fastdelta.ops.eager import autocast_dtype, cast_operands, eager_path, forward_ad_on
 from fastdelta.ops.lora import lora_linear_eager, lora_linear_op
 from fastdelta.ops.multi_lora_functional import (
     AdapterSegments,
@@ -152,6 +152,11 @@ def lora_linear(
         seed = torch.randint(2**62, (), dtype=torch.int64, device=x.device)
     elif dropout_p == 0:
         seed = None
+    if forward_ad_on():
+        keep_mask = _keep_mask(backend, seed, x, dropout_p)
+        return reference.lora_linear(
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out, keep_mask
+        )
     arguments = (x, weight, bias, lora_A, lora_B, seed, float(scaling), float(dropout_p))
     if eager_path(x, weight, bias, lora_A, lora_B, seed):
         return lora_linear_eager(*arguments, fan_in_fan_out, backend)
@@ -259,6 +264,8 @@ def adapter_bottleneck(
             None if t is None else t.to(h.dtype) for t in parameters
         )
     tensors = (h, down_weight, down_bias, up_weight, up_bias, residual)
+    if forward_ad_on():
+        return reference.adapter_bottleneck(*tensors[:5], scaling, activation, residual)
     if eager_path(*tensors):
         return adapter_bottleneck_eager(*tensors, float(scaling), activation, backend)
     return adapter_bottleneck_op(*tensors, float(scaling), activation, backend)[0]
@@ -342,6 +349,14 @@ def linear_adapter(
     if parallel:
         return adapter_bottleneck(x, *adapter, residual=h)
     return adapter_bottleneck(h, *adapter)
+
+
+def _keep_mask(backend: str, seed, x: torch.Tensor, dropout_p: float) -> torch.Tensor | None:
+    """The dropout keep-mask the fused ops draw from `seed` for x on `backend` (None without
+    dropout), for the reference that runs under forward-mode AD."""
+    if seed is None:
+        return None
+    return backend_module(backend).dropout_keep_mask(seed, tuple(x.shape), dropout_p)
 
 
 def _all_of_dtype(dtype: torch.dtype, tensors) -> bool:
@@ -436,6 +451,12 @@ def dora_linear(
         seed = torch.randint(2**62, (), dtype=torch.int64, device=x.device)
     elif dropout_p == 0:
         seed = None
+    if forward_ad_on():
+        keep_mask = _keep_mask(backend, seed, x, dropout_p)
+        return reference.dora_linear(
+            x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, fan_in_fan_out,
+            keep_mask, exact_norm,
+        )  # fmt: skip
     arguments = (
         x, weight, bias, lora_A, lora_B, magnitude, norm, seed, float(scaling), float(dropout_p),
         fan_in_fan_out, bool(exact_norm), keep_z,

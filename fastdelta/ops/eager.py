@@ -16,6 +16,7 @@ import contextlib
 import sys
 
 import torch
+from torch.autograd import forward_ad
 
 _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 
@@ -23,10 +24,11 @@ _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 def eager_path(*tensors: torch.Tensor | None) -> bool:
     """Whether an op on `tensors` may bypass its custom op: not while torch.compile (or
     export) traces, nor while compiled autograd is on (its backward graph takes the custom op's
-    formula, not the eager path's nodes: the cpp backend's C++ nodes cannot be traced), and only
+    formula, not the eager path's nodes: the cpp backend's C++ nodes cannot be traced) or
+    forward-mode AD is (see `forward_ad_on`), and only
     for plain tensors (not FakeTensor, DTensor or other subclasses, which need the op's fake
     kernel or its dispatch)."""
-    if torch.compiler.is_compiling() or _compiled_autograd_enabled():
+    if torch.compiler.is_compiling() or _compiled_autograd_enabled() or forward_ad_on():
         return False
     # A loop, not all() over a generator (ruff's SIM110): 0.23 against 0.42 us for six
     # tensors, on every call of every op.
@@ -34,6 +36,15 @@ def eager_path(*tensors: torch.Tensor | None) -> bool:
         if type(tensor) not in _PLAIN_TYPES:
             return False
     return True
+
+
+def forward_ad_on() -> bool:
+    """Whether forward-mode AD is on: inside `torch.autograd.forward_ad.dual_level()`, which
+    `torch.func.jvp` enters. The fused ops' kernels, through the custom ops too, run below
+    autograd and would drop the inputs' tangents, so the ops then run their eager reference
+    (`fastdelta.ops.reference`, with the fused path's dropout mask), which autograd
+    differentiates forward as well as backward."""
+    return forward_ad._current_level >= 0
 
 
 def _compiled_autograd_enabled() -> bool:

@@ -22,8 +22,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fastdelta.ops.backend import resolve_backend
-from fastdelta.ops.eager import autocast_dtype, cast_operands, eager_path
+from fastdelta.ops import reference
+from fastdelta.ops.backend import backend_module, resolve_backend
+from fastdelta.ops.eager import autocast_dtype, cast_operands, eager_path, forward_ad_on
 from fastdelta.ops.multi_lora import multi_lora_eager, multi_lora_linear_op
 
 _OP = "fastdelta.ops.multi_lora_linear"
@@ -247,6 +248,14 @@ def multi_lora_linear(
         seed = torch.randint(2**62, (), dtype=torch.int64, device=device)
     elif dropout_p == 0:
         seed = None
+    if forward_ad_on():
+        keep_mask = None
+        if seed is not None:
+            keep_mask = backend_module(backend).dropout_keep_mask(seed, tuple(x.shape), dropout_p)
+        return reference.multi_lora_linear(
+            x, weight, bias, lora_A, lora_B, scalings, segments.adapter_ids, dropout_p,
+            fan_in_fan_out, keep_mask,
+        )  # fmt: skip
     tensors = (x, weight, bias, lora_A, lora_B, scalings, segments.order, segments.starts, seed)
     if eager_path(*tensors):
         return multi_lora_eager(*tensors, float(dropout_p), fan_in_fan_out, backend)
