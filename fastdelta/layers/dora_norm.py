@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fastdelta import ops
+from fastdelta.ops.eager import runs_reference
 
 _PLAIN_TYPES = (torch.Tensor, nn.Parameter)
 
@@ -24,11 +25,11 @@ class BaseRowNorms:
     version: an in-place change (merge, unmerge, an optimizer step on a trainable W,
     load_state_dict) bumps its version, `.to()` and `.data =` give it new storage, and another
     weight (a deepcopy's, a DataParallel replica's) is another tensor, so each computes it again.
-    Under torch.compile, for tensor subclasses and for inference tensors (which have no version)
-    it is computed every call. Never pickled or copied: a copy starts empty. A write through
-    `weight.data` bypasses the version counter (as it bypasses autograd), so change a DoRA
-    host's weight through the parameter itself, under torch.no_grad(), as load_state_dict and
-    the optimizers do."""
+    Under torch.compile and torch.func transforms, for tensor subclasses and for inference
+    tensors (which have no version) it is computed every call. Never pickled or copied: a copy
+    starts empty. A write through `weight.data` bypasses the version counter (as it bypasses
+    autograd), so change a DoRA host's weight through the parameter itself, under
+    torch.no_grad(), as load_state_dict and the optimizers do."""
 
     def __init__(self) -> None:
         # (weak reference to the weight, what identifies its value, ||W||^2), set at once so
@@ -41,6 +42,7 @@ class BaseRowNorms:
             torch.compiler.is_compiling()
             or type(weight) not in _PLAIN_TYPES
             or weight.is_inference()
+            or runs_reference()  # torch.func's wrapped tensors have no storage to key on
         ):
             with torch.no_grad():
                 return ops.dora_row_norms_squared(weight, fan_in_fan_out)

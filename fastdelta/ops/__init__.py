@@ -26,7 +26,7 @@ from fastdelta.ops.backend import backend_module, get_backend, resolve_backend, 
 from fastdelta.ops.dora import dora_linear_eager, dora_linear_op
 from fastdelta.ops.dora import row_norms_squared as dora_row_norms_squared
 from fastdelta.ops.dora import weight_norm as dora_weight_norm
-from fastdelta.ops.eager import autocast_dtype, cast_operands, eager_path, forward_ad_on
+from fastdelta.ops.eager import autocast_dtype, cast_operands, eager_path, runs_reference
 from fastdelta.ops.lora import lora_linear_eager, lora_linear_op
 from fastdelta.ops.multi_lora_functional import (
     AdapterSegments,
@@ -152,7 +152,7 @@ def lora_linear(
         seed = torch.randint(2**62, (), dtype=torch.int64, device=x.device)
     elif dropout_p == 0:
         seed = None
-    if forward_ad_on():
+    if runs_reference():
         keep_mask = _keep_mask(backend, seed, x, dropout_p)
         return reference.lora_linear(
             x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out, keep_mask
@@ -264,7 +264,7 @@ def adapter_bottleneck(
             None if t is None else t.to(h.dtype) for t in parameters
         )
     tensors = (h, down_weight, down_bias, up_weight, up_bias, residual)
-    if forward_ad_on():
+    if runs_reference():
         return reference.adapter_bottleneck(*tensors[:5], scaling, activation, residual)
     if eager_path(*tensors):
         return adapter_bottleneck_eager(*tensors, float(scaling), activation, backend)
@@ -353,7 +353,7 @@ def linear_adapter(
 
 def _keep_mask(backend: str, seed, x: torch.Tensor, dropout_p: float) -> torch.Tensor | None:
     """The dropout keep-mask the fused ops draw from `seed` for x on `backend` (None without
-    dropout), for the reference that runs under forward-mode AD."""
+    dropout), for the reference that runs under forward-mode AD or a torch.func transform."""
     if seed is None:
         return None
     return backend_module(backend).dropout_keep_mask(seed, tuple(x.shape), dropout_p)
@@ -451,7 +451,7 @@ def dora_linear(
         seed = torch.randint(2**62, (), dtype=torch.int64, device=x.device)
     elif dropout_p == 0:
         seed = None
-    if forward_ad_on():
+    if runs_reference():
         keep_mask = _keep_mask(backend, seed, x, dropout_p)
         return reference.dora_linear(
             x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, fan_in_fan_out,

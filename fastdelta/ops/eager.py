@@ -24,11 +24,11 @@ _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 def eager_path(*tensors: torch.Tensor | None) -> bool:
     """Whether an op on `tensors` may bypass its custom op: not while torch.compile (or
     export) traces, nor while compiled autograd is on (its backward graph takes the custom op's
-    formula, not the eager path's nodes: the cpp backend's C++ nodes cannot be traced) or
-    forward-mode AD is (see `forward_ad_on`), and only
+    formula, not the eager path's nodes: the cpp backend's C++ nodes cannot be traced), nor
+    where the ops run their reference (`runs_reference`), and only
     for plain tensors (not FakeTensor, DTensor or other subclasses, which need the op's fake
     kernel or its dispatch)."""
-    if torch.compiler.is_compiling() or _compiled_autograd_enabled() or forward_ad_on():
+    if torch.compiler.is_compiling() or _compiled_autograd_enabled() or _transformed():
         return False
     # A loop, not all() over a generator (ruff's SIM110): 0.23 against 0.42 us for six
     # tensors, on every call of every op.
@@ -38,13 +38,20 @@ def eager_path(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
-def forward_ad_on() -> bool:
-    """Whether forward-mode AD is on: inside `torch.autograd.forward_ad.dual_level()`, which
-    `torch.func.jvp` enters. The fused ops' kernels, through the custom ops too, run below
-    autograd and would drop the inputs' tangents, so the ops then run their eager reference
-    (`fastdelta.ops.reference`, with the fused path's dropout mask), which autograd
-    differentiates forward as well as backward."""
-    return forward_ad._current_level >= 0
+def runs_reference() -> bool:
+    """Whether the ops run their eager reference (`fastdelta.ops.reference`, with the fused
+    path's dropout mask) instead of a fused kernel: under forward-mode AD (inside
+    `torch.autograd.forward_ad.dual_level()`) or a torch.func transform (grad, vmap, jvp,
+    jacrev, ...), never while torch.compile traces (its graph takes the custom ops). The fused
+    kernels run below autograd, so they would drop tangents, and they have neither functorch's
+    autograd.Function form nor batching rules; the reference is PyTorch ops, which every
+    transform handles."""
+    return not torch.compiler.is_compiling() and _transformed()
+
+
+def _transformed() -> bool:
+    """Forward-mode AD or a torch.func transform is on: two reads of ~40 ns each."""
+    return forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def _compiled_autograd_enabled() -> bool:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fastdelta.ops import reference
 from fastdelta.ops.backend import backend_module, resolve_backend
-from fastdelta.ops.eager import autocast_dtype, cast_operands, eager_path, forward_ad_on
+from fastdelta.ops.eager import autocast_dtype, cast_operands, eager_path, runs_reference
 from fastdelta.ops.multi_lora import multi_lora_eager, multi_lora_linear_op
 
 _OP = "fastdelta.ops.multi_lora_linear"
@@ -248,7 +248,7 @@ def multi_lora_linear(
         seed = torch.randint(2**62, (), dtype=torch.int64, device=device)
     elif dropout_p == 0:
         seed = None
-    if forward_ad_on():
+    if runs_reference():
         keep_mask = None
         if seed is not None:
             keep_mask = backend_module(backend).dropout_keep_mask(seed, tuple(x.shape), dropout_p)

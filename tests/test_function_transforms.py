@@ -1,9 +1,12 @@
-"""Forward-mode AD (`torch.autograd.forward_ad`, `torch.func.jvp`) through the ops and layers.
+"""Forward-mode AD (`torch.autograd.forward_ad`, `torch.func.jvp`) and torch.func transforms
+(grad, vmap: per-sample gradients) through the ops and layers.
 
-The fused kernels run below autograd, so no tangent would come out of them; under a dual level
-the ops run their eager reference with the fused path's dropout mask instead. Checked here in
-float64: the primal equals the fused op's output for the same seed, and the tangent equals a
-central finite difference of the fused op.
+The fused kernels run below autograd, so no tangent would come out of them, and they have
+neither functorch's autograd.Function form nor batching rules; under a dual level or a
+transform the ops run their eager reference with the fused path's dropout mask instead.
+Checked here in float64: the primal equals the fused op's output for the same seed, the tangent
+a central finite difference of the fused op, and per-sample gradients from vmap(grad) the
+fused path's autograd gradients sample by sample.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
 import fastdelta
 from fastdelta import ops
@@ -112,3 +116,40 @@ def test_torch_func_jvp_through_a_delta_model(use_backend, backend, kind):
     eps = 1e-6
     difference = (model(x + eps * tangent) - model(x - eps * tangent)) / (2 * eps)
     torch.testing.assert_close(output_tangent, difference, rtol=1e-6, atol=1e-6)
+
+
+def delta_model(kind: str, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 5)).to(dtype)
+    if kind in ("lora", "dora"):
+        fastdelta.LoraModel(model, modified_modules=["0", "2"], lora_r=2, use_dora=kind == "dora")
+        for module in model.modules():
+            if hasattr(module, "lora_B"):
+                nn.init.normal_(module.lora_B)
+    else:
+        fastdelta.AdapterModel(model, modified_modules=["0"], bottleneck_dim=3)
+        nn.init.normal_(model[0].adapter.up_weight)
+    return model
+
+
+@pytest.mark.parametrize("backend", (*BACKENDS, "triton"))
+@pytest.mark.parametrize("kind", ["lora", "dora", "adapter"])
+def test_per_sample_gradients_with_vmap_of_grad(use_backend, backend, kind):
+    use_backend(backend)
+    dtype = torch.float32 if backend == "triton" else F64  # Triton's kernels take no float64
+    model = delta_model(kind, dtype)
+    parameters = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    x = rand(5, 8, seed=40).to(dtype)
+
+    def loss(values, sample):
+        return functional_call(model, values, (sample.unsqueeze(0),)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(parameters, x)
+    # float32 (triton) compares the reference against the fused kernels: their sums' order.
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    for index in range(x.shape[0]):
+        model.zero_grad(set_to_none=True)
+        model(x[index : index + 1]).square().sum().backward()
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                torch.testing.assert_close(per_sample[name][index], parameter.grad, **tolerance)
