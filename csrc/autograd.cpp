@@ -402,12 +402,14 @@ at::Tensor linear_adapter(const at::Tensor& x, const at::Tensor& weight,
   parse_activation(std::string(activation));
   at::Tensor out, h, pre;
   {
+    // Below autograd, the output's reshape included: a view autograd tracked would be a view
+    // of a tensor without history, and an in-place op on it would not reach this node.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::tie(out, h, pre) =
         linear_adapter_2d(as_2d(x, x.size(-1)), weight, bias, down_weight, down_bias, up_weight,
                           up_bias, scaling, activation, parallel, fan_in_fan_out);
+    out = like_rows_of(out, x, out.size(1));
   }
-  out = like_rows_of(out, x, out.size(1));
   if (torch::autograd::compute_requires_grad(x, weight, bias, down_weight, down_bias, up_weight,
                                              up_bias)) {
     const auto node = c10::make_intrusive<LinearAdapterBackward>();

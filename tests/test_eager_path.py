@@ -247,3 +247,18 @@ def test_compiled_autograd_takes_the_custom_ops(cpp, kind):
     for eager_grad, compiled_grad in zip(*grads, strict=True):
         torch.testing.assert_close(compiled_grad, eager_grad)
     torch._dynamo.reset()
+
+
+@NODE_CASES
+def test_an_in_place_op_on_the_output_reaches_the_cpp_node(cpp, call, make):
+    """The output of a 3-D input is reshaped below autograd: not a view autograd tracks, whose
+    in-place change would miss the node (or be refused as a view of a leaf)."""
+    tensors = make()
+    trainable = [t for t in tensors if t.requires_grad]
+    grad = torch.ones_like(call(tensors)).cumsum(-1)
+    expected = torch.autograd.grad(call(tensors) * 2, trainable, grad)
+    out = call(tensors)
+    assert out.dim() == 3 and not out._is_view()
+    got = torch.autograd.grad(out.mul_(2), trainable, grad)
+    for one, other in zip(got, expected, strict=True):
+        torch.testing.assert_close(one, other)
