@@ -96,28 +96,6 @@ def test_the_ops_carry_tangents(use_backend, backend, name):
     torch.testing.assert_close(tangent, difference, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["lora", "adapter"])
-def test_torch_func_jvp_through_a_delta_model(use_backend, backend, kind):
-    use_backend(backend)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 5)).to(F64).eval()
-    if kind == "lora":
-        fastdelta.LoraModel(model, modified_modules=["0", "2"], lora_r=2)
-        for module in model.modules():
-            if hasattr(module, "lora_B"):
-                nn.init.normal_(module.lora_B)
-    else:
-        fastdelta.AdapterModel(model, modified_modules=["0"], bottleneck_dim=3)
-        nn.init.normal_(model[0].adapter.up_weight)
-    x, tangent = rand(4, 8, seed=30), rand(4, 8, seed=31)
-    output, output_tangent = torch.func.jvp(model, (x,), (tangent,))
-    torch.testing.assert_close(output, model(x))
-    eps = 1e-6
-    difference = (model(x + eps * tangent) - model(x - eps * tangent)) / (2 * eps)
-    torch.testing.assert_close(output_tangent, difference, rtol=1e-6, atol=1e-6)
-
-
 def delta_model(kind: str, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 5)).to(dtype)
@@ -130,6 +108,19 @@ def delta_model(kind: str, dtype: torch.dtype) -> nn.Module:
         fastdelta.AdapterModel(model, modified_modules=["0"], bottleneck_dim=3)
         nn.init.normal_(model[0].adapter.up_weight)
     return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_torch_func_jvp_through_a_delta_model(use_backend, backend, kind):
+    use_backend(backend)
+    model = delta_model(kind, F64).eval()
+    x, tangent = rand(4, 8, seed=30), rand(4, 8, seed=31)
+    output, output_tangent = torch.func.jvp(model, (x,), (tangent,))
+    torch.testing.assert_close(output, model(x))
+    eps = 1e-6
+    difference = (model(x + eps * tangent) - model(x - eps * tangent)) / (2 * eps)
+    torch.testing.assert_close(output_tangent, difference, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", (*BACKENDS, "triton"))
