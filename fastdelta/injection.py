@@ -294,13 +294,13 @@ def _forward_with_deltas(host: nn.Module, original_forward, input_name, args, kw
         # the general case's bookkeeping: a few microseconds a call.
         name, role = entries[0]
         delta = host._modules[name]
-        fused = delta.__dict__.get(RUNS_ITS_HOST)
+        if role == "replace" and len(args) == 1 and not kwargs and _computes_its_host(delta):
+            return delta.replace_forward(host, args[0])
+        fused = delta.__dict__.get(RUNS_ITS_HOST)  # an adapter computing its linear host
         if fused is not None and len(args) == 1 and not kwargs and not _has_hooks(delta):
             return delta.host_forward(host, args[0], *fused)
         if role == "after":
             return _map_main_output(host, original_forward(host, *args, **kwargs), delta)
-        if role == "replace" and len(args) == 1 and not kwargs and _computes_its_host(delta):
-            return delta.replace_forward(host, args[0])
     if not entries:  # every delta of the host is inactive
         return original_forward(host, *args, **kwargs)
     deltas = [(host._modules[name], role) for name, role in entries]

@@ -133,10 +133,6 @@ def _grad_h_footprint(values: dict) -> configs.Footprint:
     )
 
 
-def _prune(footprint, operand, *fitted):
-    return {"early_config_prune": configs.pruner(footprint, operand, fitted)}
-
-
 _KEY = ["D_IN", "D_OUT", "BLOCK_R", "ACT", "M_BUCKET"]
 _TILES = configs.make(configs.TILE_SHAPES, names=("BLOCK_M", "BLOCK_N"), extra={"GROUP_M": 8})
 
@@ -147,7 +143,7 @@ _TILES = configs.make(configs.TILE_SHAPES, names=("BLOCK_M", "BLOCK_N"), extra={
         names=("BLOCK_M", "BLOCK_K", "BLOCK_N"),
     ),
     key=[*_KEY, "FUSED"],
-    prune_configs_by=_prune(_forward_footprint, "h_ptr", "BLOCK_M:M"),
+    prune_configs_by=configs.prune_by(_forward_footprint, "h_ptr", "BLOCK_M:M"),
 )
 @triton.jit
 def _forward_kernel(
@@ -205,7 +201,7 @@ def _store_out(
 @autotuned(
     _TILES,
     key=["D_OUT", "R", "BLOCK_R", "ACT", "M_BUCKET"],
-    prune_configs_by=_prune(_up_footprint, "res_ptr", "BLOCK_M:M", "BLOCK_N:D_OUT"),
+    prune_configs_by=configs.prune_by(_up_footprint, "res_ptr", "BLOCK_M:M", "BLOCK_N:D_OUT"),
 )
 @triton.jit
 def _up_kernel(
@@ -236,7 +232,7 @@ def _up_kernel(
 @autotuned(
     configs.make(configs.ROW_SHAPES, names=("BLOCK_M", "BLOCK_N")),
     key=["D_OUT", "R", "BLOCK_R", "ACT", "M_BUCKET"],
-    prune_configs_by=_prune(_grad_pre_footprint, "dy_ptr", "BLOCK_M:M"),
+    prune_configs_by=configs.prune_by(_grad_pre_footprint, "dy_ptr", "BLOCK_M:M"),
 )
 @triton.jit
 def _grad_pre_kernel(
@@ -270,7 +266,7 @@ def _grad_pre_kernel(
 @autotuned(
     _TILES,
     key=["D_IN", "R", "BLOCK_R", "SEQUENTIAL", "M_BUCKET"],
-    prune_configs_by=_prune(_grad_h_footprint, "dh_ptr", "BLOCK_M:M", "BLOCK_N:D_IN"),
+    prune_configs_by=configs.prune_by(_grad_h_footprint, "dh_ptr", "BLOCK_M:M", "BLOCK_N:D_IN"),
 )
 @triton.jit
 def _grad_h_kernel(

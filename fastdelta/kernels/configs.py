@@ -301,6 +301,11 @@ def pruner(footprint: Callable[[dict], Footprint], operand: str, fitted: tuple[s
     return prune
 
 
+def prune_by(footprint: Callable[[dict], Footprint], operand: str, *fitted: str) -> dict:
+    """triton.autotune's `prune_configs_by` argument for `pruner(footprint, operand, fitted)`."""
+    return {"early_config_prune": pruner(footprint, operand, fitted)}
+
+
 def _narrowest(configs: list, arguments: dict, fitted: tuple[str, ...]) -> list:
     """The configs whose blocks along each fitted dimension are no wider than the problem
     needs; where none is, those with the narrowest such block."""

@@ -59,9 +59,7 @@ def _scale_grad_footprint(values: dict) -> configs.Footprint:
 @autotuned(
     configs.SCALE_GRAD,
     key=["N", "ROWS_BUCKET", "NEED_DOTS", "NEED_SUMS"],
-    prune_configs_by={
-        "early_config_prune": configs.pruner(_scale_grad_footprint, "dy_ptr", ("BLOCK_N:N",))
-    },
+    prune_configs_by=configs.prune_by(_scale_grad_footprint, "dy_ptr", "BLOCK_N:N"),
 )
 @triton.jit
 def _scale_grad_kernel(

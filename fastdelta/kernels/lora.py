@@ -112,14 +112,10 @@ def _forward_footprint(values: dict) -> configs.Footprint:
     )
 
 
-def _prune(footprint, operand, *fitted):
-    return {"early_config_prune": configs.pruner(footprint, operand, fitted)}
-
-
 @autotuned(
     configs.make(configs.ROW_SHAPES, names=("BLOCK_M", "BLOCK_K")),
     key=["K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"],
-    prune_configs_by=_prune(_down_footprint, "x_ptr", "BLOCK_M:M"),
+    prune_configs_by=configs.prune_by(_down_footprint, "x_ptr", "BLOCK_M:M"),
 )
 @triton.jit
 def _down_kernel(
@@ -224,17 +220,17 @@ _FORWARD_KEY = ["N", "K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET", "COLUMN_SCALE", 
 _forward_large = autotuned(
     configs.GEMM,
     key=_FORWARD_KEY,
-    prune_configs_by=_prune(_forward_footprint, "x_ptr", "BLOCK_N:N", "BLOCK_K:K"),
+    prune_configs_by=configs.prune_by(_forward_footprint, "x_ptr", "BLOCK_N:N", "BLOCK_K:K"),
 )(_forward_kernel)
 _forward_small = autotuned(
     configs.SMALL_M,
     key=_FORWARD_KEY,
-    prune_configs_by=_prune(_forward_footprint, "x_ptr", "BLOCK_N:N", "BLOCK_K:K"),
+    prune_configs_by=configs.prune_by(_forward_footprint, "x_ptr", "BLOCK_N:N", "BLOCK_K:K"),
 )(_forward_kernel)
 _add_low_rank = autotuned(
     configs.make(configs.TILE_SHAPES, names=("BLOCK_M", "BLOCK_N"), extra={"GROUP_M": 8}),
     key=["N", "R", "BLOCK_R", "M_BUCKET", "COLUMN_SCALE", "STORE_Z"],
-    prune_configs_by=_prune(_forward_footprint, "y_ptr", "BLOCK_M:M", "BLOCK_N:N"),
+    prune_configs_by=configs.prune_by(_forward_footprint, "y_ptr", "BLOCK_M:M", "BLOCK_N:N"),
     # It adds onto y (cuBLAS's x W^T) in place: every configuration the autotuner times must
     # start from the same y, or the first call of a shape adds the low-rank term many times.
     restore_value=["y_ptr"],

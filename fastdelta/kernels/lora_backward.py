@@ -77,14 +77,10 @@ def _grad_x_footprint(values: dict) -> configs.Footprint:
     )
 
 
-def _prune(footprint, operand, *fitted):
-    return {"early_config_prune": configs.pruner(footprint, operand, fitted)}
-
-
 @autotuned(
     configs.make(configs.ROW_SHAPES, names=("BLOCK_M", "BLOCK_K")),
     key=["N", "BLOCK_R", "M_BUCKET"],
-    prune_configs_by=_prune(_grad_xa_footprint, "dy_ptr", "BLOCK_M:M"),
+    prune_configs_by=configs.prune_by(_grad_xa_footprint, "dy_ptr", "BLOCK_M:M"),
 )
 @triton.jit
 def _grad_xa_kernel(
@@ -159,12 +155,12 @@ _GRAD_X_KEY = ["N", "K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"]
 _grad_x_fused = autotuned(
     configs.GEMM,
     key=_GRAD_X_KEY,
-    prune_configs_by=_prune(_grad_x_footprint, "dy_ptr", "BLOCK_N:N", "BLOCK_K:K"),
+    prune_configs_by=configs.prune_by(_grad_x_footprint, "dy_ptr", "BLOCK_N:N", "BLOCK_K:K"),
 )(_grad_x_kernel)
 _add_low_rank_grad = autotuned(
     configs.make(configs.TILE_SHAPES, names=("BLOCK_M", "BLOCK_K"), extra={"GROUP_M": 8}),
     key=["K", "R", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"],
-    prune_configs_by=_prune(_grad_x_footprint, "dx_ptr", "BLOCK_M:M", "BLOCK_K:K"),
+    prune_configs_by=configs.prune_by(_grad_x_footprint, "dx_ptr", "BLOCK_M:M", "BLOCK_K:K"),
     restore_value=["dx_ptr"],  # it adds onto dX = dY W in place (see lora._add_low_rank)
 )(_grad_x_kernel)
 

@@ -108,14 +108,10 @@ def _expand_footprint(values: dict) -> configs.Footprint:
     )
 
 
-def _prune(footprint, operand, *fitted):
-    return {"early_config_prune": configs.pruner(footprint, operand, fitted)}
-
-
 @autotuned(
     configs.make(configs.ROW_SHAPES, names=("BLOCK_M", "BLOCK_K")),
     key=["K", "R", "BLOCK_R", "HAS_DROPOUT", "ADAPTER_SCALE", "M_BUCKET"],
-    prune_configs_by=_prune(_shrink_footprint, "src_ptr", "BLOCK_M:M"),
+    prune_configs_by=configs.prune_by(_shrink_footprint, "src_ptr", "BLOCK_M:M"),
 )
 @triton.jit
 def _shrink_kernel(
@@ -161,7 +157,7 @@ def _shrink_kernel(
 @autotuned(
     configs.make(configs.TILE_SHAPES, names=("BLOCK_M", "BLOCK_N")),
     key=["N", "R", "BLOCK_R", "HAS_DROPOUT", "ADAPTER_SCALE", "M_BUCKET"],
-    prune_configs_by=_prune(_expand_footprint, "out_ptr", "BLOCK_M:M", "BLOCK_N:N"),
+    prune_configs_by=configs.prune_by(_expand_footprint, "out_ptr", "BLOCK_M:M", "BLOCK_N:N"),
     # It adds into `out`: each configuration the autotuner times must start from the same out.
     restore_value=["out_ptr"],
 )

@@ -46,9 +46,7 @@ def _footprint(values: dict) -> configs.Footprint:
 @autotuned(
     configs.REDUCTION,
     key=["P", "Q", "ROWS_BUCKET", "DROPOUT", "ADAPTER_SCALE"],
-    prune_configs_by={
-        "early_config_prune": configs.pruner(_footprint, "l_ptr", ("BLOCK_P:P", "BLOCK_Q:Q"))
-    },
+    prune_configs_by=configs.prune_by(_footprint, "l_ptr", "BLOCK_P:P", "BLOCK_Q:Q"),
 )
 @triton.jit
 def _segment_product_kernel(

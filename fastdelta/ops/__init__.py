@@ -234,9 +234,7 @@ def adapter_bottleneck(
     arguments = (h, down_weight, down_bias, up_weight, up_bias, residual)
     if (
         backend == "cpp"
-        and down_weight.dtype == h.dtype == up_weight.dtype
-        and (down_bias is None or down_bias.dtype == h.dtype)
-        and (up_bias is None or up_bias.dtype == h.dtype)
+        and _all_of_dtype(h.dtype, (down_weight, down_bias, up_weight, up_bias))
         and eager_path(*arguments)
         and not verification.may_route(device)
     ):

@@ -238,9 +238,14 @@ def _load(settings: BuildSettings) -> Path:
         if problem:
             raise ExtensionUnavailable(problem)
         return _compile(settings, build_directory(settings))
+    _load_library(library)
+    return library
+
+
+def _load_library(library: Path) -> None:
+    """Load a built library: its ops into torch.ops, and its Python entry points."""
     torch.ops.load_library(str(library))
     _import_entry_points(library)
-    return library
 
 
 def _import_entry_points(library: Path) -> None:
@@ -304,8 +309,7 @@ def unbuilt_reason() -> str | None:
             f"two, with {BUILD_COMMANDS}"
         )
     try:
-        torch.ops.load_library(str(library))
-        _import_entry_points(library)
+        _load_library(library)
     except (OSError, RuntimeError, ImportError) as error:
         _state = f"the C++ extension ({LIBRARY}) is unavailable: loading {library} failed: {error}"
     else:

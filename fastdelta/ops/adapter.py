@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fastdelta.ops import verification
-from fastdelta.ops.backend import backend_module
+from fastdelta.ops.backend import backend_module, op_gradients
 from fastdelta.ops.eager import profiled
 
 
@@ -86,7 +86,7 @@ def adapter_bottleneck_backward_op(
     grads = backend_module(name).adapter_backward(
         grad_out, h, down_weight, up_weight, pre, scaling, activation, sequential, needs
     )
-    return tuple(grad_out.new_empty(0) if g is None else g.contiguous() for g in grads)
+    return op_gradients(grads, grad_out)
 
 
 @adapter_bottleneck_backward_op.register_fake

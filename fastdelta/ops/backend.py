@@ -219,6 +219,12 @@ def _choose(setting: str, device: torch.device, dtype: torch.dtype | None) -> st
     return "torch"
 
 
+def op_gradients(grads, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A backward custom op's outputs from a backend's gradients: each contiguous, an empty
+    tensor (like `like`) for one not computed, since a custom op returns tensors, not None."""
+    return tuple(like.new_empty(0) if g is None else g.contiguous() for g in grads)
+
+
 def backend_module(name: str):
     """The module that implements the ops for backend `name` (lora_forward, lora_backward, ...)."""
     if name == "triton":

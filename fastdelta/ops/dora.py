@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdelta.ops import verification
-from fastdelta.ops.backend import backend_module
+from fastdelta.ops.backend import backend_module, op_gradients
 from fastdelta.ops.eager import profiled
 from fastdelta.ops.lora import xa_dtype
 
@@ -145,7 +145,7 @@ def dora_linear_backward_op(
         grad_y, x, weight, lora_A, lora_B, magnitude, norm, xa, z, seed, scaling, dropout_p,
         fan_in_fan_out, exact_norm, needs,
     )  # fmt: skip
-    return tuple(grad_y.new_empty(0) if g is None else g.contiguous() for g in grads)
+    return op_gradients(grads, grad_y)
 
 
 @dora_linear_backward_op.register_fake

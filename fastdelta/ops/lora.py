@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fastdelta.ops import verification
-from fastdelta.ops.backend import backend_module
+from fastdelta.ops.backend import backend_module, op_gradients
 from fastdelta.ops.eager import profiled
 
 
@@ -95,7 +95,7 @@ def lora_linear_backward_op(
     grads = backend_module(name).lora_backward(
         grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, fan_in_fan_out, needs
     )
-    return tuple(grad_y.new_empty(0) if g is None else g.contiguous() for g in grads)
+    return op_gradients(grads, grad_y)
 
 
 @lora_linear_backward_op.register_fake

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastdelta.ops import verification
-from fastdelta.ops.backend import backend_module
+from fastdelta.ops.backend import backend_module, op_gradients
 from fastdelta.ops.eager import profiled
 from fastdelta.ops.lora import xa_dtype
 from fastdelta.ops.variants import multi_lora_variant
@@ -108,7 +108,7 @@ def multi_lora_linear_backward_op(
         grad_y, x, weight, lora_A, lora_B, scalings, order, starts, xa, seed, dropout_p,
         fan_in_fan_out, needs,
     )  # fmt: skip
-    return tuple(grad_y.new_empty(0) if g is None else g.contiguous() for g in grads)
+    return op_gradients(grads, grad_y)
 
 
 @multi_lora_linear_backward_op.register_fake
