@@ -38,6 +38,7 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
@@ -74,6 +75,43 @@ std::array<bool, N> needed_grads(const Node& node) {
   std::array<bool, N> needs{};
   for (size_t i = 0; i < N; ++i) needs[i] = node.task_should_compute_output(i);
   return needs;
+}
+
+// The fused backwards compute first derivatives only: their ops run below autograd (each ATen
+// op then skips its Autograd and ADInplaceOrView kernels, about 2 us of a small adapter's
+// backward on one CPU thread), so their gradients have no graph of their own. The saved
+// tensors are unpacked before that: under non-reentrant checkpointing the unpacking recomputes
+// the forward, which must run above autograd to save what it saved the first time. Under
+// create_graph (grad mode on inside the backward) each gradient is still the fused one but
+// carries a node that raises, naming the fix, if a second backward reaches it, as
+// fastdelta.ops.eager.once_differentiable does for the Python backends; a second
+// differentiation would otherwise be silently wrong.
+std::string double_backward_message(const char* op) {
+  return std::string("fastdelta.ops.") + op +
+         ": its fused backward has no derivative of its own, so a gradient taken through it "
+         "with create_graph=True cannot be differentiated again (a double backward: gradient "
+         "penalties, MAML, Hessian-vector products). Take higher derivatives with torch.func "
+         "(torch.func.grad of torch.func.grad, jacrev, hessian), under which fastdelta's ops "
+         "run their eager reference";
+}
+
+// `grads`, the gradients `node` computed from `grad_output`, as its backward returns them: as
+// they are where no graph is built, else each an alias whose grad_fn raises. That node's edges
+// are `node`'s own (its inputs) and grad_output's, so a second backward towards any of them
+// reaches it rather than leaving the gradients out of the graph.
+variable_list first_derivatives(const Node& node, const at::Tensor& grad_output,
+                                variable_list grads, bool builds_graph, const char* op) {
+  if (!builds_graph) return grads;
+  torch::autograd::edge_list edges = node.next_edges();
+  edges.push_back(torch::autograd::impl::gradient_edge(grad_output));
+  const auto error =
+      c10::make_intrusive<torch::autograd::Error>(double_backward_message(op), std::move(edges));
+  for (at::Tensor& grad : grads) {
+    if (!grad.defined()) continue;
+    grad = grad.detach();  // an alias: grad_output itself may be one of them
+    torch::autograd::create_gradient_edge(grad, error);
+  }
+  return grads;
 }
 
 // Makes `node` the grad_fn of `output`, with an edge to each differentiable input in order (an
@@ -174,13 +212,17 @@ struct LoraLinearBackward : public Node {
       return variable_list(5);
     }
     const at::Tensor mask_seed = seed.unpack();
+    const std::array<at::Tensor, 5> saved = {x.unpack(), weight.unpack(), lora_A.unpack(),
+                                             lora_B.unpack(), xa.unpack()};
+    const bool builds_graph = at::GradMode::is_enabled();
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see first_derivatives
     auto [grad_x, grad_weight, grad_bias, grad_A, grad_B] =
         op<LoraBackward>("fastdelta_C::lora_backward")
-            .call(grads[0], x.unpack(), weight.unpack(), lora_A.unpack(), lora_B.unpack(),
-                  xa.unpack(),
+            .call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
                   mask_seed.defined() ? std::optional<at::Tensor>(mask_seed) : std::nullopt,
                   scaling, dropout_p, fan_in_fan_out, needs);
-    return {grad_x, grad_weight, grad_bias, grad_A, grad_B};
+    return first_derivatives(*this, grads[0], {grad_x, grad_weight, grad_bias, grad_A, grad_B},
+                             builds_graph, "lora_linear");
   }
 
   void release_variables() override {
@@ -205,18 +247,23 @@ struct AdapterBottleneckBackward : public Node {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto needs = needed_grads<6>(*this);
     if (!grads[0].defined()) return variable_list(6);
+    const bool builds_graph = at::GradMode::is_enabled();
     at::Tensor grad_h, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias;
     if (needs[0] || needs[1] || needs[2] || needs[3] || needs[4]) {
+      const std::array<at::Tensor, 4> saved = {h.unpack(), down_weight.unpack(),
+                                               up_weight.unpack(), pre.unpack()};
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see first_derivatives
       std::tie(grad_h, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias) =
           op<AdapterBackward>("fastdelta_C::adapter_backward")
-              .call(grads[0], h.unpack(), down_weight.unpack(), up_weight.unpack(),
-                    pre.unpack(), scaling, activation, sequential,
-                    {needs[0], needs[1], needs[2], needs[3], needs[4]});
+              .call(grads[0], saved[0], saved[1], saved[2], saved[3], scaling, activation,
+                    sequential, {needs[0], needs[1], needs[2], needs[3], needs[4]});
     }
     // A parallel adapter's residual receives grad_out unchanged.
     const at::Tensor grad_residual = needs[5] ? grads[0] : at::Tensor();
-    return {grad_h, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias,
-            grad_residual};
+    return first_derivatives(*this, grads[0],
+                             {grad_h, grad_down_weight, grad_down_bias, grad_up_weight,
+                              grad_up_bias, grad_residual},
+                             builds_graph, "adapter_bottleneck");
   }
 
   void release_variables() override {
@@ -287,18 +334,23 @@ struct LinearAdapterBackward : public Node {
     const auto needs = needed_grads<7>(*this);
     const auto [need_x, need_weight, need_bias] = std::tuple(needs[0], needs[1], needs[2]);
     if (!grads[0].defined()) return variable_list(7);
+    const at::Tensor weight_saved = weight.unpack(), x_saved = x.unpack();
+    const at::Tensor adapter_input = parallel ? at::Tensor() : h.unpack();
+    const std::array<at::Tensor, 3> adapter_saved = {down_weight.unpack(), up_weight.unpack(),
+                                                     pre.unpack()};
+    const bool builds_graph = at::GradMode::is_enabled();
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see first_derivatives
     const at::Tensor grad2d = as_2d(grads[0], grads[0].size(-1));
-    const at::Tensor w = base_weight(weight.unpack(), fan_in_fan_out);  // [N, K]
+    const at::Tensor w = base_weight(weight_saved, fan_in_fan_out);  // [N, K]
     const int64_t K = w.size(1);
-    const at::Tensor x_saved = x.unpack();
     const at::Tensor x2d = x_saved.defined() ? as_2d(x_saved, K) : at::Tensor();
     // The adapter's input gradient: dh (sequential, the residual path included), or its part
     // of dx (parallel).
     const bool need_input = parallel ? need_x : need_x || need_weight || need_bias;
     auto [grad_input, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias] =
         op<AdapterBackward>("fastdelta_C::adapter_backward")
-            .call(grad2d, parallel ? x2d : h.unpack(), down_weight.unpack(), up_weight.unpack(),
-                  pre.unpack(), scaling, activation, !parallel,
+            .call(grad2d, parallel ? x2d : adapter_input, adapter_saved[0], adapter_saved[1],
+                  adapter_saved[2], scaling, activation, !parallel,
                   {need_input, needs[3], needs[4], needs[5], needs[6]});
     // The gradient reaching the linear layer's output.
     const at::Tensor grad_h = parallel ? grad2d : grad_input;
@@ -309,8 +361,10 @@ struct LinearAdapterBackward : public Node {
     }
     auto [grad_weight, grad_bias] =
         base_grads(grad_h, x2d, fan_in_fan_out, need_weight, need_bias);
-    return {grad_x, grad_weight, grad_bias, grad_down_weight, grad_down_bias, grad_up_weight,
-            grad_up_bias};
+    return first_derivatives(*this, grads[0],
+                             {grad_x, grad_weight, grad_bias, grad_down_weight, grad_down_bias,
+                              grad_up_weight, grad_up_bias},
+                             builds_graph, "linear_adapter");
   }
 
   void release_variables() override {

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastdelta.ops import verification
 from fastdelta.ops.backend import backend_module, op_gradients
-from fastdelta.ops.eager import profiled
+from fastdelta.ops.eager import once_differentiable, profiled
 
 
 def pre_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,13 +102,15 @@ def _setup_context(ctx, inputs, output):
     h, down_weight, down_bias, up_weight, up_bias, residual, scaling, activation, backend = inputs
     pre = output[1]
     ctx.mark_non_differentiable(pre)
-    ctx.save_for_backward(h, down_weight, up_weight, pre)
+    # down_bias (a reference) for once_differentiable: the gradients depend on it through pre.
+    ctx.save_for_backward(h, down_weight, up_weight, pre, down_bias)
     biases = (down_bias is not None, up_bias is not None)
     ctx.arguments = (scaling, activation, residual is None, *biases, backend)
 
 
+@once_differentiable("adapter_bottleneck")
 def _backward(ctx, grad_out, _grad_pre):
-    h, down_weight, up_weight, pre = ctx.saved_tensors
+    h, down_weight, up_weight, pre, _ = ctx.saved_tensors
     needs = ctx.needs_input_grad[:5]
     grads = adapter_bottleneck_backward_op(
         grad_out, h, down_weight, up_weight, pre, *ctx.arguments, *needs
@@ -134,13 +136,14 @@ class _AdapterBottleneckFunction(torch.autograd.Function):
         out, pre = ctx.backend.adapter_forward(
             h, down_weight, down_bias, up_weight, up_bias, residual, scaling, activation
         )
-        ctx.save_for_backward(h, down_weight, up_weight, pre)
+        ctx.save_for_backward(h, down_weight, up_weight, pre, down_bias)
         ctx.arguments = (scaling, activation, residual is None)
         return out
 
     @staticmethod
+    @once_differentiable("adapter_bottleneck")
     def backward(ctx, grad_out):
-        h, down_weight, up_weight, pre = ctx.saved_tensors
+        h, down_weight, up_weight, pre, _ = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
         with profiled("fastdelta::adapter_bottleneck_backward"):
             grads = ctx.backend.adapter_backward(

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastdelta.ops import verification
 from fastdelta.ops.backend import backend_module, op_gradients
-from fastdelta.ops.eager import profiled
+from fastdelta.ops.eager import once_differentiable, profiled
 from fastdelta.ops.lora import xa_dtype
 
 
@@ -169,6 +169,7 @@ def _setup_context(ctx, inputs, output):
     ctx.arguments = (scaling, dropout_p, fan_in_fan_out, exact_norm, bias is not None, backend)
 
 
+@once_differentiable("dora_linear")
 def _backward(ctx, grad_y, _grad_xa, _grad_z):
     needs = ctx.needs_input_grad[:6]
     grads = dora_linear_backward_op(grad_y, *ctx.saved_tensors, *ctx.arguments, *needs)
@@ -198,6 +199,7 @@ class _DoraLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable("dora_linear")
     def backward(ctx, grad_y):
         needs = ctx.needs_input_grad[:6]
         with profiled("fastdelta::dora_linear_backward"):

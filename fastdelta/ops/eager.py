@@ -13,6 +13,7 @@ backend goes one step further: its eager path is one C++ op whose autograd node 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 import torch
@@ -84,3 +85,56 @@ def profiled(name: str) -> contextlib.AbstractContextManager:
     if torch.autograd._profiler_enabled():
         return torch.autograd.profiler.record_function(name)
     return contextlib.nullcontext()
+
+
+def double_backward_message(op: str) -> str:
+    """What a double backward through `op`'s fused backward raises (the C++ nodes say the same,
+    csrc/autograd.cpp)."""
+    return (
+        f"fastdelta.ops.{op}: its fused backward has no derivative of its own, so a gradient "
+        "taken through it with create_graph=True cannot be differentiated again (a double "
+        "backward: gradient penalties, MAML, Hessian-vector products). Take higher derivatives "
+        "with torch.func (torch.func.grad of torch.func.grad, jacrev, hessian), under which "
+        "fastdelta's ops run their eager reference"
+    )
+
+
+def once_differentiable(op: str):
+    """Decorates the backward of `op`'s autograd.Function or custom op. The fused backward
+    computes first derivatives only: its kernels run below autograd, so under create_graph=True
+    its gradients would have no graph of their own dependence on the inputs, and a second
+    differentiation would be silently wrong. Under create_graph the gradients are still the
+    fused ones, but each carries a node that raises (with the fix) when a backward reaches it,
+    as torch.autograd.function.once_differentiable does. Unlike that one, the node's edges lead
+    to the saved tensors as well as to the incoming gradients, so a second backward towards a
+    weight reaches it instead of leaving these gradients out. The saved tensors must include
+    every input the gradients depend on."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            return _refuse_double_backward(op, outputs, (*grads, *ctx.saved_tensors))
+
+        return wrapper
+
+    return decorate
+
+
+def _refuse_double_backward(op: str, outputs: tuple, depends_on: tuple) -> tuple:
+    """`outputs` with each tensor an alias whose grad_fn raises, its edges to `depends_on`."""
+    positions = [i for i, output in enumerate(outputs) if isinstance(output, torch.Tensor)]
+    edges = [t for t in depends_on if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not positions or not edges:
+        return outputs
+    error = torch._C._functions.DelayedError(
+        double_backward_message(op).encode(), len(positions) + len(edges)
+    )
+    guarded = error(*(outputs[i].detach() for i in positions), *edges)
+    result = list(outputs)
+    for i, tensor in zip(positions, guarded, strict=False):
+        result[i] = tensor
+    return tuple(result)

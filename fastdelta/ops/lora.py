@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fastdelta.ops import verification
 from fastdelta.ops.backend import backend_module, op_gradients
-from fastdelta.ops.eager import profiled
+from fastdelta.ops.eager import once_differentiable, profiled
 
 
 def xa_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -125,6 +125,7 @@ def _setup_context(ctx, inputs, output):
     ctx.arguments = (scaling, dropout_p, fan_in_fan_out, bias is not None, backend)
 
 
+@once_differentiable("lora_linear")
 def _backward(ctx, grad_y, _grad_xa):
     x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
     needs = ctx.needs_input_grad[:5]
@@ -155,6 +156,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable("lora_linear")
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]

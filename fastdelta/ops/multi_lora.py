@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fastdelta.ops import verification
 from fastdelta.ops.backend import backend_module, op_gradients
-from fastdelta.ops.eager import profiled
+from fastdelta.ops.eager import once_differentiable, profiled
 from fastdelta.ops.lora import xa_dtype
 from fastdelta.ops.variants import multi_lora_variant
 
@@ -130,6 +130,7 @@ def _setup_context(ctx, inputs, output):
     ctx.arguments = (dropout_p, fan_in_fan_out, bias is not None, backend)
 
 
+@once_differentiable("multi_lora_linear")
 def _backward(ctx, grad_y, _grad_xa):
     needs = ctx.needs_input_grad[:5]
     grads = multi_lora_linear_backward_op(grad_y, *ctx.saved_tensors, *ctx.arguments, *needs)
@@ -159,6 +160,7 @@ class _MultiLoraLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable("multi_lora_linear")
     def backward(ctx, grad_y):
         needs = ctx.needs_input_grad[:5]
         with profiled("fastdelta::multi_lora_linear_backward"):
