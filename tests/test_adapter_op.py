@@ -300,6 +300,15 @@ def test_matches_the_float64_reference(backend, case):
     check_against_reference(inputs, dtype, scaling, activation)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d_out", [33, 200], ids=["d_out33", "d_out200"])
+def test_bias_gradients_on_both_sides_of_the_small_column_sum(backend, d_out, dtype):
+    """The cpp backend sums the bias gradients' rows in a loop of its own up to 2**14 elements
+    (csrc/common.h, sum_rows) and with at::sum above: 97 x 33 and 97 x 200 elements."""
+    inputs = make_inputs(97, 33, d_out, 8, dtype, parallel=True, seed=d_out)
+    check_against_reference(inputs, dtype, 1.0, "gelu")
+
+
 @pytest.mark.parametrize("backend_name", FLOAT64_BACKENDS)
 def test_float64_is_float64_exact(use_backend, backend_name):
     use_backend(backend_name)
