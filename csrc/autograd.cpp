@@ -277,7 +277,7 @@ struct AdapterBottleneckBackward : public Node {
 at::Tensor base_linear(const at::Tensor& x2d, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, bool fan_in_fan_out) {
   const at::Tensor weight_t = fan_in_fan_out ? weight : weight.t();
-  return bias.has_value() ? at::addmm(*bias, x2d, weight_t) : at::mm(x2d, weight_t);
+  return bias.has_value() ? add_product(*bias, x2d, weight_t) : at::mm(x2d, weight_t);
 }
 
 void check_linear_adapter_call(const at::Tensor& x, const at::Tensor& weight,
@@ -356,7 +356,7 @@ struct LinearAdapterBackward : public Node {
     const at::Tensor grad_h = parallel ? grad2d : grad_input;
     at::Tensor grad_x;
     if (need_x) {
-      grad_x = parallel ? at::addmm(grad_input, grad_h, w) : at::mm(grad_h, w);
+      grad_x = parallel ? add_product(grad_input, grad_h, w) : at::mm(grad_h, w);
       grad_x = like_rows_of(grad_x, grads[0], K);
     }
     auto [grad_weight, grad_bias] =

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -73,11 +74,15 @@ inline at::Tensor base_weight(const at::Tensor& weight, bool fan_in_fan_out) {
   return fan_in_fan_out ? weight.t() : weight;
 }
 
-// Up to this many elements, sum_rows adds a CPU tensor's rows in one loop of its own: at::sum's
-// reduction (its TensorIterator, and a second tensor and a cast below float32) took 1.9 us on
-// a [4, 64] float32 gradient, one CPU thread, and a small adapter's backward makes two. The
-// loop is serial, in the accumulate type, and so is at::sum's at this size.
-constexpr int64_t kSmallColumnSum = 1 << 14;
+// Up to this many elements, a CPU kernel's elementwise part may take a plain loop of its own
+// (sum_rows, add_product, the adapter's residual_plus_bias) in place of an ATen kernel, whose
+// set-up costs more than the arithmetic at that size: at::sum's column reduction (its
+// TensorIterator, and a second tensor and a cast below float32) took 1.9 us on a [4, 64]
+// float32 gradient, one CPU thread, and a small adapter's backward makes two. The loops are
+// serial, in the accumulate type, and so are ATen's kernels at this size.
+constexpr int64_t kSmallCpuLoop = 1 << 14;
+
+// Column sums up to kSmallCpuLoop elements take add_rows.
 
 // sums[j] = sum over the rows of in[i][j], for a contiguous [rows >= 1, cols] `in`.
 template <typename scalar_t, typename acc_t>
@@ -91,7 +96,7 @@ void add_rows(const scalar_t* in, int64_t rows, int64_t cols, acc_t* sums) {
 
 // Column sums of a 2-D tensor, accumulated in at least float32, in its dtype.
 inline at::Tensor sum_rows(const at::Tensor& t) {
-  if (!t.is_cpu() || !t.is_contiguous() || t.numel() > kSmallColumnSum || t.size(0) == 0) {
+  if (!t.is_cpu() || !t.is_contiguous() || t.numel() > kSmallCpuLoop || t.size(0) == 0) {
     return cast(at::sum(t, {0}, false, accumulate_type(t.scalar_type())), t.scalar_type());
   }
   const int64_t rows = t.size(0), cols = t.size(1);
@@ -109,6 +114,30 @@ inline at::Tensor sum_rows(const at::Tensor& t) {
     }
   });
   return out;
+}
+
+// base + alpha * a b, for 2-D a [M, K], b [K, N] and base [N] (a bias, every row) or [M, N],
+// all of one dtype, as at::addmm. A small contiguous CPU base is written into the new tensor by
+// memcpy, and the product added in place: at::addmm copies base through a TensorIterator, half
+// a microsecond of a [4, 64] addmm's 2.4 (one CPU thread).
+inline at::Tensor add_product(const at::Tensor& base, const at::Tensor& a, const at::Tensor& b,
+                              double alpha = 1.0) {
+  const int64_t M = a.size(0), N = b.size(1);
+  const bool per_row = base.dim() == 1;
+  if (!base.is_cpu() || !base.is_contiguous() || M * N > kSmallCpuLoop ||
+      base.size(0) != (per_row ? N : M) || base.size(-1) != N) {
+    return at::addmm(base, a, b, 1.0, alpha);
+  }
+  at::Tensor out = at::empty({M, N}, base.options());
+  const auto* from = static_cast<const char*>(base.const_data_ptr());
+  auto* to = static_cast<char*>(out.mutable_data_ptr());
+  const size_t row_bytes = static_cast<size_t>(N) * base.element_size();
+  if (per_row) {
+    for (int64_t row = 0; row < M; ++row) std::memcpy(to + row * row_bytes, from, row_bytes);
+  } else {
+    std::memcpy(to, from, row_bytes * M);
+  }
+  return out.addmm_(a, b, 1.0, alpha);
 }
 
 // The gradients of the base weight and bias (undefined when not needed), from 2-D dY and x.

@@ -301,11 +301,14 @@ def test_matches_the_float64_reference(backend, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("d_out", [33, 200], ids=["d_out33", "d_out200"])
-def test_bias_gradients_on_both_sides_of_the_small_column_sum(backend, d_out, dtype):
-    """The cpp backend sums the bias gradients' rows in a loop of its own up to 2**14 elements
-    (csrc/common.h, sum_rows) and with at::sum above: 97 x 33 and 97 x 200 elements."""
-    inputs = make_inputs(97, 33, d_out, 8, dtype, parallel=True, seed=d_out)
+@pytest.mark.parametrize(
+    "d_in, d_out", [(33, 33), (33, 200), (200, None)], ids=["par33", "par200", "seq200"]
+)
+def test_both_sides_of_the_small_cpu_loops(backend, d_in, d_out, dtype):
+    """Up to 2**14 elements the cpp backend writes the bias gradients' sums, the addmms'
+    initial values and residual + s * up_bias with loops of its own (csrc/common.h,
+    kSmallCpuLoop), above with ATen's kernels: 97 x 33 elements, and 97 x 200."""
+    inputs = make_inputs(97, d_in, d_out or d_in, 8, dtype, parallel=d_out is not None, seed=d_in)
     check_against_reference(inputs, dtype, 1.0, "gelu")
 
 
