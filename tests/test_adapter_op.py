@@ -307,7 +307,8 @@ def test_matches_the_float64_reference(backend, case):
 def test_both_sides_of_the_small_cpu_loops(backend, d_in, d_out, dtype):
     """Up to 2**14 elements the cpp backend writes the bias gradients' sums, the addmms'
     initial values and residual + s * up_bias with loops of its own (csrc/common.h,
-    kSmallCpuLoop), above with ATen's kernels: 97 x 33 elements, and 97 x 200."""
+    kSmallCpuLoop), above with ATen's kernels: 97 x 33 elements, and 97 x 200. (Its
+    activations take loops up to a [M, m] bottleneck of that size: CASES has both sides.)"""
     inputs = make_inputs(97, d_in, d_out or d_in, 8, dtype, parallel=d_out is not None, seed=d_in)
     check_against_reference(inputs, dtype, 1.0, "gelu")
 

@@ -19,8 +19,40 @@
 namespace fastdelta {
 namespace {
 
-// act(pre), ATen's vectorised kernel, in pre's dtype.
+// Whether the [M, m] bottleneck `pre` (and `grad`, when given) is small enough for the
+// activation's own loops: ATen's kernels cost about a microsecond each to set up, more than
+// the arithmetic on a decode-sized bottleneck (3 of them in a small adapter's forward and
+// backward).
+bool small_bottleneck(const at::Tensor& pre, const at::Tensor& grad = at::Tensor()) {
+  return pre.is_contiguous() && pre.numel() <= kSmallCpuLoop &&
+         (!grad.defined() || (grad.is_contiguous() && grad.scalar_type() == pre.scalar_type()));
+}
+
+// act(pre) (grad undefined) or grad * act'(pre), by the shared formulas (activations.h), for
+// a small float32 or float64 bottleneck.
+at::Tensor small_activation(const at::Tensor& pre, const at::Tensor& grad, Activation activation) {
+  at::Tensor out = at::empty_like(pre, at::MemoryFormat::Contiguous);
+  const int64_t count = pre.numel();
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "fastdelta_C.adapter_activation", [&] {
+    const scalar_t* z = pre.const_data_ptr<scalar_t>();
+    scalar_t* result = out.mutable_data_ptr<scalar_t>();
+    dispatch_activation(activation, [&](auto act) {
+      constexpr Activation kind = decltype(act)::value;
+      if (!grad.defined()) {
+        for (int64_t i = 0; i < count; ++i) result[i] = activate<kind>(z[i]);
+        return;
+      }
+      const scalar_t* g = grad.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < count; ++i) result[i] = g[i] * activate_grad<kind>(z[i]);
+    });
+  });
+  return out;
+}
+
+// act(pre), in pre's dtype: ATen's vectorised kernel, or the shared formula for a small
+// bottleneck.
 at::Tensor activated(const at::Tensor& pre, Activation activation) {
+  if (small_bottleneck(pre)) return small_activation(pre, at::Tensor(), activation);
   switch (activation) {
     case Activation::Relu:
       return at::relu(pre);
@@ -34,9 +66,11 @@ at::Tensor activated(const at::Tensor& pre, Activation activation) {
   return at::silu(pre);
 }
 
-// grad * act'(pre), ATen's vectorised kernel, in pre's dtype.
+// grad * act'(pre), in pre's dtype: ATen's vectorised kernel, or the shared formula for a
+// small bottleneck.
 at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre,
                                Activation activation) {
+  if (small_bottleneck(pre, grad)) return small_activation(pre, grad, activation);
   switch (activation) {
     case Activation::Relu:
       return at::threshold_backward(grad, pre, 0);
