@@ -218,14 +218,20 @@ def time_call(
     benchmark, call: Callable[[], None], timing: Timing, warmup_calls: int = WARMUP_CALLS
 ) -> None:
     """Warm `call` up, then time it with pytest-benchmark in a number of rounds that fits
-    `timing.max_time` at the warm-up's pace (within [timing.min_rounds, MAX_ROUNDS])."""
+    `timing.max_time` at the warm-up's pace (within [timing.min_rounds, MAX_ROUNDS]). A call
+    so fast that MAX_ROUNDS of it would take less than max_time runs several times a round
+    (its time is their mean), so that its rounds still span max_time: the fastest round of a
+    100 us call is then picked out of a second, not out of 20 ms that one stall of a shared
+    machine covers whole."""
     fastest = float("inf")
     for _ in range(warmup_calls):
         start = time.perf_counter()
         call()
         fastest = min(fastest, time.perf_counter() - start)
-    rounds = max(timing.min_rounds, min(MAX_ROUNDS, int(timing.max_time / max(fastest, 1e-9))))
-    benchmark.pedantic(call, rounds=rounds, iterations=1)
+    fastest = max(fastest, 1e-9)
+    rounds = max(timing.min_rounds, min(MAX_ROUNDS, int(timing.max_time / fastest)))
+    iterations = max(1, int(timing.max_time / (rounds * fastest)))
+    benchmark.pedantic(call, rounds=rounds, iterations=iterations)
 
 
 def run_workload(

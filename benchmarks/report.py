@@ -496,9 +496,11 @@ def render_markdown(report: dict) -> str:
         "",
         f"Grid `{report['grid']}`, {report['datetime']}, torch {report['torch_version']}, "
         f"fastdelta {report['fastdelta_version']}, {report['cpu_threads']} CPU thread(s){load}. "
-        f"Times are the {report['statistic']} of each benchmark's rounds; ratios divide by the "
-        "floor measured in the same run (LoRA: the frozen base linear alone; adapter: one copy "
-        "of h each way). The backend column says what computed each row.",
+        f"Times are the {report['statistic']} of each benchmark's rounds (a round of a call "
+        "too fast to fill the time given to a benchmark in 200 rounds is the mean of several "
+        "calls); ratios divide by the floor measured in the same run (LoRA: the frozen base "
+        "linear alone; adapter: one copy of h each way). The backend column says what computed "
+        "each row.",
         "",
         "## Targets",
         "",
