@@ -133,8 +133,8 @@ def _refuse_double_backward(op: str, outputs: tuple, depends_on: tuple) -> tuple
     error = torch._C._functions.DelayedError(
         double_backward_message(op).encode(), len(positions) + len(edges)
     )
-    guarded = error(*(outputs[i].detach() for i in positions), *edges)
+    guarded = error(*(outputs[i].detach() for i in positions), *edges)[: len(positions)]
     result = list(outputs)
-    for i, tensor in zip(positions, guarded, strict=False):
+    for i, tensor in zip(positions, guarded, strict=True):
         result[i] = tensor
     return tuple(result)
