@@ -7,6 +7,14 @@ get_peft_model on the same modules; full fine-tuning of the whole model. Same ba
 (seed 0), same LoRA settings (r=16, alpha=32, dropout=0.1, adapter weights in the model's
 dtype), same tokens, AdamW. A step is forward, backward, optimizer step and zero_grad.
 
+Timing: on the CPU the providers are timed in sweeps (`sweeps`), each sweep building and timing
+every provider in turn, and the report takes each provider's figure over the rounds of all its
+sweeps. A shared machine's speed drifts over seconds: timed one after the other, a provider
+whose few seconds of rounds fell in a slow stretch lost to one that ran in a fast stretch. The
+quick grid's runs of one session, before sweeps, read fastdelta / PEFT at 1.12, 1.27, 1.33 and
+1.17x, with fastdelta's step between 310 and 362 ms. A GPU run keeps one sweep: its full-size
+models take long to build and compile three times over.
+
 Memory: on CUDA the peak allocated during a step (`torch.cuda.max_memory_allocated`); on the
 CPU, which has no such counter, what is resident when backward starts: parameters, optimizer
 state and the tensors saved for backward.
@@ -32,7 +40,13 @@ from benchmarks.harness import (
 PROVIDERS = ("fastdelta", "compiled", "peft", "full-finetune")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.1
-__all__ = ["PROVIDERS", "bench_training_step", "build_model", "cases"]
+CPU_SWEEPS = 3
+__all__ = ["PROVIDERS", "bench_training_step", "build_model", "cases", "sweeps"]
+
+
+def sweeps(grid: str, device_type: str) -> int:
+    """How many sweeps time the providers (see the module docstring)."""
+    return CPU_SWEEPS if device_type == "cpu" and grid != "smoke" else 1
 
 
 def step_dtype(device: torch.device) -> torch.dtype:
@@ -99,7 +113,7 @@ def memory_info(step, model, optimizer, device: torch.device) -> dict:
     }
 
 
-def bench_training_step(benchmark, timing, case, provider, device):
+def bench_training_step(benchmark, timing, case, sweep, provider, device):
     dtype = step_dtype(device)
     model, backend = build_model(provider, case, dtype, device)
     model.train()
@@ -119,10 +133,11 @@ def bench_training_step(benchmark, timing, case, provider, device):
     benchmark.group = f"training_step {case.id} {info['dtype']}"
     benchmark.extra_info.update(
         info,
+        sweep=sweep.index,
         mode="step",
         backend=backend,
         tokens=case.tokens,
         trainable_parameters=sum(p.numel() for p in trainable),
     )
     benchmark.extra_info.update(memory_info(step, model, optimizer, device))
-    time_call(benchmark, step, timing, warmup_calls=1)  # after two steps already
+    time_call(benchmark, step, timing.share(sweep.count), warmup_calls=1)  # after two steps

@@ -3,7 +3,9 @@
 Each `bench_*.py` file declares `PROVIDERS` and `cases(grid, device_type)`; a benchmark
 function that takes `case`, `provider`, `dtype` or `mode` is parametrised here from them and
 from the options `--grid` (`--quick`), `--device`, `--dtypes` and `--providers`. Providers run
-innermost, so each provider is timed right after the floor of the same case. The run's JSON
+innermost, so each provider is timed right after the floor of the same case. One that takes
+`sweep` is run that many times over (`sweeps(grid, device_type)` of its file), every provider
+once a sweep; the report merges a provider's sweeps into one row. The run's JSON
 gets a `fastdelta` section: the device, the grid and the providers left out with the reasons.
 """
 
@@ -99,6 +101,10 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("dtype", [harness.DTYPES[name] for name in dtypes], ids=dtypes)
     if "mode" in names:
         metafunc.parametrize("mode", harness.MODES)
+    if "sweep" in names:  # before the providers, so that each sweep runs all of them
+        count = module.sweeps(config.getoption("grid"), device.type)
+        sweeps = [harness.Sweep(index, count) for index in range(count)]
+        metafunc.parametrize("sweep", sweeps, ids=[f"sweep{i}" for i in range(count)])
     if "provider" in names:
         selected = config.getoption("providers")
         providers = module.PROVIDERS

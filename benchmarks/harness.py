@@ -44,6 +44,18 @@ class Timing:
     min_rounds: int
     max_time: float
 
+    def share(self, parts: int) -> Timing:
+        """The timing of one of `parts` sweeps, which together get this one's rounds and time."""
+        return Timing(min_rounds=-(-self.min_rounds // parts), max_time=self.max_time / parts)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Sweep `index` of `count` (see benchmarks/conftest.py)."""
+
+    index: int
+    count: int
+
 
 @dataclass
 class Workload:

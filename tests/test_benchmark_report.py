@@ -207,3 +207,36 @@ def test_a_json_of_another_suite_is_refused(run):
     del run["fastdelta"]
     with pytest.raises(ValueError, match=r"not a run of this suite"):
         report.build_report(run)
+
+
+def test_sweeps_of_a_benchmark_merge_into_one_row_over_all_their_rounds():
+    def swept(provider, index, data, memory):
+        benchmark = step(provider, min(data), memory)
+        benchmark["name"] = f"bench_training_step[h256-L4-b4-s128-sweep{index}-{provider}]"
+        benchmark["stats"].update(rounds=len(data), data=data)
+        benchmark["extra_info"]["sweep"] = index
+        return benchmark
+
+    built = report.build_report(
+        run_json(
+            [
+                swept("fastdelta", 0, [0.9, 1.0], memory=90),
+                swept("peft", 0, [1.2, 1.3], memory=100),
+                swept("fastdelta", 1, [0.8, 0.95, 1.1], memory=91),
+                swept("peft", 1, [1.05, 1.25], memory=100),
+            ]
+        )
+    )
+    rows = [row for row in built["results"] if row["op"] == "training_step"]
+    assert [row["provider"] for row in rows] == ["fastdelta", "peft"]
+    fastdelta = rows[0]
+    assert fastdelta["name"] == "bench_training_step[h256-L4-b4-s128-fastdelta]"
+    assert (fastdelta["time_s"], fastdelta["rounds"], fastdelta["sweeps"]) == (0.8, 5, 2)
+    assert "sweep" not in fastdelta
+    assert fastdelta["memory_bytes"] == 91  # the largest of its sweeps
+    assert fastdelta["speedup_vs_peft"] == pytest.approx(1.05 / 0.8)
+    median = report.build_report(
+        run_json([swept("peft", 0, [1.2, 1.3], 1), swept("peft", 1, [1.0], 1)]), "median"
+    )
+    assert median["results"][0]["time_s"] == pytest.approx(1.2)
+    assert "timed in 2 sweeps" in report.render_markdown(built)
