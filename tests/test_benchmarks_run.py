@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,13 @@ def test_the_smoke_grid_runs_every_provider_and_writes_the_report(tmp_path):
     assert all(row["time_s"] > 0 and row["memory_bytes"] is not None for row in rows)
     assert "fastdelta-triton" in written["unavailable_providers"]  # no GPU: skipped, with why
     assert (tmp_path / "cpu.md").read_text().startswith("# fastdelta benchmarks: cpu")
+
+
+def test_the_cpu_end_to_end_step_is_timed_in_sweeps_of_every_provider():
+    command = [sys.executable, "-m", "pytest", "benchmarks/bench_end_to_end.py", "--quick"]
+    command += ["--device=cpu", "--collect-only", "-q", "-p", "no:warnings"]
+    result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    collected = re.findall(r"-(sweep\d)-([a-z-]+)\]$", result.stdout, flags=re.MULTILINE)
+    providers = ["fastdelta", "compiled", "peft", "full-finetune"]
+    assert collected == [(f"sweep{index}", p) for index in range(3) for p in providers]
