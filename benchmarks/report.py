@@ -267,46 +267,40 @@ def _memory(info: dict) -> int | None:
     return info.get("memory_bytes", info.get("peak_bytes", info.get("saved_bytes")))
 
 
+def _merged(sweeps: list[dict]) -> dict:
+    """One benchmark of the sweeps of one: all their rounds, their largest memory figure."""
+    data = [seconds for sweep in sweeps for seconds in sweep["stats"]["data"]]
+    largest = max(sweeps, key=lambda sweep: _memory(sweep["extra_info"]) or 0)
+    info = {key: value for key, value in largest["extra_info"].items() if key != "sweep"}
+    return {
+        **sweeps[0],
+        "name": re.sub(r"-sweep\d+", "", sweeps[0]["name"]),
+        "extra_info": {**info, "sweeps": len(sweeps)},
+        "stats": {
+            "min": min(data),
+            "median": statistics.median(data),
+            "mean": statistics.fmean(data),
+            "rounds": len(data),
+            "data": data,
+        },
+    }
+
+
 def merge_sweeps(benchmarks: list[dict]) -> list[dict]:
     """The benchmarks with those timed in sweeps (extra_info "sweep", see benchmarks/conftest.py)
     merged into one per op, case, dtype, mode and provider, in the place of its first sweep: the
     rounds of all its sweeps (so a statistic is taken over them all), the largest memory figure
     of its sweeps and their count ("sweeps")."""
-    merged: dict[tuple, list[dict]] = {}
-    order: list[dict | tuple] = []
-    for benchmark in benchmarks:
+    groups: dict[tuple, list[dict]] = {}
+    for position, benchmark in enumerate(benchmarks):
         info = benchmark["extra_info"]
-        if "sweep" not in info:
-            order.append(benchmark)
-            continue
+        swept = "sweep" in info
         key = (info["op"], info["case_id"], info["dtype"], info["mode"], info["provider"])
-        if key not in merged:
-            order.append(key)
-        merged.setdefault(key, []).append(benchmark)
-    result = []
-    for item in order:
-        if isinstance(item, dict):
-            result.append(item)
-            continue
-        sweeps = merged[item]
-        data = [seconds for sweep in sweeps for seconds in sweep["stats"]["data"]]
-        largest = max(sweeps, key=lambda sweep: _memory(sweep["extra_info"]) or 0)
-        info = {key: value for key, value in largest["extra_info"].items() if key != "sweep"}
-        result.append(
-            {
-                **sweeps[0],
-                "name": re.sub(r"-sweep\d+", "", sweeps[0]["name"]),
-                "extra_info": {**info, "sweeps": len(sweeps)},
-                "stats": {
-                    "min": min(data),
-                    "median": statistics.median(data),
-                    "mean": statistics.fmean(data),
-                    "rounds": len(data),
-                    "data": data,
-                },
-            }
-        )
-    return result
+        groups.setdefault(key if swept else (position,), []).append(benchmark)
+    return [
+        _merged(group) if "sweep" in group[0]["extra_info"] else group[0]
+        for group in groups.values()
+    ]
 
 
 def load_rows(run: dict, statistic: str) -> list[dict]:
