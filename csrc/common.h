@@ -19,6 +19,10 @@
 
 namespace fastdelta {
 
+// The instruction set that the CPU LoRA's vectorised loops (csrc/cpu/lora.cpp) were compiled for
+// and run on this CPU: "arch=x86-64-v4" or "avx512f" (AVX-512), "avx2" or "baseline".
+std::string cpu_vector_isa();
+
 // The activation named by fastdelta.ops.activations.canonical_activation.
 inline Activation parse_activation(const std::string& name) {
   if (name == "relu") return Activation::Relu;

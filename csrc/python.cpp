@@ -4,11 +4,13 @@
 // rather than torch.ops' boxed call, which converts every argument to an IValue against the
 // schema: on one CPU thread, a [4, 64] input, linear_adapter took 14.5 us through torch.ops and
 // 12.2 us here. The GIL is released while the op runs, as torch's own bindings release it.
+// cpu_vector_isa, not an op, says which clone of the CPU loops runs (fastdelta doctor shows it).
 #include <optional>
 
 #include <ATen/ATen.h>
 #include <torch/extension.h>
 
+#include "common.h"
 #include "dispatch.h"
 
 namespace fastdelta {
@@ -57,4 +59,5 @@ PYBIND11_MODULE(fastdelta_C, m) {
   m.def("lora_linear", &fastdelta::lora_linear, release);
   m.def("adapter_bottleneck", &fastdelta::adapter_bottleneck, release);
   m.def("linear_adapter", &fastdelta::linear_adapter, release);
+  m.def("cpu_vector_isa", &fastdelta::cpu_vector_isa);
 }

@@ -16,6 +16,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ import fastdelta
 from fastdelta import ops
 from fastdelta.ops import _extension, reference
 from fastdelta.ops import backend as backend_selection
+from fastdelta.ops import cpp_backend as cpp_ops
 from fastdelta.ops.backend import ENVIRONMENT_VARIABLE, resolve_backend, unavailable_reason
 
 CUDA = torch.cuda.is_available()
@@ -166,6 +168,33 @@ def cpp_backend(monkeypatch):
         pytest.skip(f"no cpp extension here: {unavailable_reason('cpp', 'cpu')}")
     monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
     monkeypatch.setattr(backend_selection, "_setting", "cpp")
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (/proc/cpuinfo), or None off x86-64 Linux."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return None
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def test_the_cpu_loops_run_the_widest_clone_this_cpu_has(cpp_backend):
+    """The dropout loops of the CPU kernels are compiled for AVX-512, AVX2 and the baseline, and
+    the loader picks one per CPU. An "arch=skylake-avx512" clone was picked by the CPU's model,
+    so an AMD CPU with AVX-512 ran the AVX2 clone, hashing 3x slower; the clone is now picked by
+    the CPU's features, which this checks against the flags the kernel reports."""
+    isa = cpp_ops.cpu_vector_isa()
+    flags = _cpu_flags()
+    if flags is None:
+        assert isa == "baseline"
+    elif {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags:
+        assert isa in ("arch=x86-64-v4", "avx512f")
+    elif "avx512f" in flags:  # AVX-512 without all of x86-64-v4's parts
+        assert isa in ("avx512f", "avx2")
+    else:
+        assert isa == ("avx2" if "avx2" in flags else "baseline")
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])

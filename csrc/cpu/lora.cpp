@@ -38,15 +38,34 @@
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
     __GNUC__ >= 12
-#define FASTDELTA_VECTOR_CLONES \
-  __attribute__((target_clones("default", "avx2", "arch=x86-64-v4")))
+#define FASTDELTA_AVX512_TARGET "arch=x86-64-v4"
 #elif defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTDELTA_VECTOR_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#define FASTDELTA_AVX512_TARGET "avx512f"  // arch=x86-64-v4 needs GCC 12
+#endif
+
+#ifdef FASTDELTA_AVX512_TARGET
+#define FASTDELTA_VECTOR_CLONES \
+  __attribute__((target_clones("default", "avx2", FASTDELTA_AVX512_TARGET)))
 #else
 #define FASTDELTA_VECTOR_CLONES
 #endif
 
 namespace fastdelta {
+
+// The clone of FASTDELTA_VECTOR_CLONES that this CPU runs: the same three targets as versions of
+// one function, each returning its name, which the loader picks by the same rules.
+#ifdef FASTDELTA_AVX512_TARGET
+__attribute__((target("default"))) const char* vector_clone() { return "baseline"; }
+__attribute__((target("avx2"))) const char* vector_clone() { return "avx2"; }
+__attribute__((target(FASTDELTA_AVX512_TARGET))) const char* vector_clone() {
+  return FASTDELTA_AVX512_TARGET;
+}
+#else
+const char* vector_clone() { return "baseline"; }
+#endif
+
+std::string cpu_vector_isa() { return vector_clone(); }
+
 namespace {
 
 // Rows per block: a [128, K] float32 block (512 KiB at K = 1024) stays in L2 for K up to a

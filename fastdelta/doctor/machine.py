@@ -14,6 +14,7 @@ import torch
 
 from fastdelta import ops
 from fastdelta.ops import backend as backend_selection
+from fastdelta.ops import cpp_backend
 from fastdelta.ops.verdicts import cache_directory
 from fastdelta.version import __version__
 
@@ -93,6 +94,8 @@ def backends(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> dict:
     for name in ("triton", "cpp", "torch"):
         reason = backend_selection.unavailable_reason(name, device, build=False)
         report[name] = {"available": reason is None, "reason": reason}
+    if report["cpp"]["available"] and device.type == "cpu":
+        report["cpp"]["cpu_vector_isa"] = cpp_backend.cpu_vector_isa()
     chosen = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reasons above say it all

@@ -22,6 +22,8 @@ def render(report: dict) -> str:
         for name in ("triton", "cpp", "torch"):
             entry = entries[name]
             state = "available" if entry["available"] else f"not available: {entry['reason']}"
+            if "cpu_vector_isa" in entry:
+                state += f" (its CPU loops run {entry['cpu_vector_isa']})"
             lines.append(f"    {name}: {state}")
     lines += ["", "first-use verification of the kernels:"]
     if not report["verification"]:

@@ -35,6 +35,13 @@ def _op(name: str) -> Callable:
     return entry_point or getattr(torch.ops.fastdelta_C, name).default
 
 
+def cpu_vector_isa() -> str:
+    """The instruction set that the CPU kernels' vectorised dropout loops run on this CPU:
+    "arch=x86-64-v4" or "avx512f" (AVX-512, by the compiler that built the extension), "avx2",
+    or "baseline" (another compiler or architecture, or a CPU with neither)."""
+    return _extension.entry_points.cpu_vector_isa()
+
+
 def dropout_keep_mask(seed: torch.Tensor, shape: tuple[int, ...], p: float) -> torch.Tensor:
     """The boolean keep-mask that the extension's dropout draws from `seed` for `shape`."""
     return _op("dropout_keep_mask")(seed, list(shape), p)
