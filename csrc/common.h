@@ -86,8 +86,6 @@ inline at::Tensor base_weight(const at::Tensor& weight, bool fan_in_fan_out) {
 // serial, in the accumulate type, and so are ATen's kernels at this size.
 constexpr int64_t kSmallCpuLoop = 1 << 14;
 
-// Column sums up to kSmallCpuLoop elements take add_rows.
-
 // sums[j] = sum over the rows of in[i][j], for a contiguous [rows >= 1, cols] `in`.
 template <typename scalar_t, typename acc_t>
 void add_rows(const scalar_t* in, int64_t rows, int64_t cols, acc_t* sums) {
@@ -98,7 +96,8 @@ void add_rows(const scalar_t* in, int64_t rows, int64_t cols, acc_t* sums) {
   }
 }
 
-// Column sums of a 2-D tensor, accumulated in at least float32, in its dtype.
+// Column sums of a 2-D tensor, accumulated in at least float32, in its dtype (add_rows up to
+// kSmallCpuLoop elements).
 inline at::Tensor sum_rows(const at::Tensor& t) {
   if (!t.is_cpu() || !t.is_contiguous() || t.numel() > kSmallCpuLoop || t.size(0) == 0) {
     return cast(at::sum(t, {0}, false, accumulate_type(t.scalar_type())), t.scalar_type());
@@ -109,8 +108,8 @@ inline at::Tensor sum_rows(const at::Tensor& t) {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = t.const_data_ptr<scalar_t>();
     scalar_t* result = out.mutable_data_ptr<scalar_t>();
-    if (std::is_same_v<acc_t, scalar_t>) {
-      add_rows(in, rows, cols, reinterpret_cast<acc_t*>(result));  // in `out` itself
+    if constexpr (std::is_same_v<acc_t, scalar_t>) {
+      add_rows(in, rows, cols, result);  // in `out` itself
     } else {
       std::vector<acc_t> sums(cols);
       add_rows(in, rows, cols, sums.data());
